@@ -1,0 +1,3 @@
+from tinygpt.cli import main
+
+main()
