@@ -1,0 +1,280 @@
+"""Checkpoint directories: written atomically, read with clear errors, resumed exactly.
+
+A checkpoint is a directory any stage can read::
+
+    model.safetensors   the weights (tied embeddings stored once)
+    config.json         the model config (tinygpt.model.ModelConfig)
+    tokenizer.json      the tokenizer the model was trained with
+    tinygpt.json        stage, step, metrics, provenance (package version, time)
+    trainer_state.pt    optional, for --resume: optimizer, step, data position, every RNG state
+
+A run directory keeps them as ``checkpoints/step_00000100/`` plus a ``checkpoints/latest``
+pointer. A checkpoint is written into a temporary directory, every file fsynced, then renamed
+into place, and only then does ``latest`` move (itself written to a temporary file and renamed).
+A kill at any moment therefore leaves the previous checkpoint loadable. Every ``torch.load``
+uses ``weights_only=True``: a checkpoint cannot run code.
+
+This module knows the model and its config; it knows nothing about stages, data or losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_model as st_save_model
+
+from tinygpt import __version__
+from tinygpt.model import GPT, ModelConfig
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+META = "tinygpt.json"
+TRAINER_STATE = "trainer_state.pt"
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated or corrupt; the message names the file."""
+
+
+# --- paths -----------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint directory, a run/stage directory, or its ``checkpoints/`` folder."""
+    path = Path(path)
+    if (path / WEIGHTS).exists() or (path / META).exists():
+        return path
+    for pointer in (path / "checkpoints" / LATEST, path / LATEST):
+        if pointer.exists():
+            name = pointer.read_text().strip()
+            target = pointer.parent / name
+            if not target.is_dir():
+                raise CheckpointError(f"{pointer}: points to {name!r}, which does not exist")
+            return target
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    raise CheckpointError(f"{path}: not a checkpoint (no {WEIGHTS}, no checkpoints/{LATEST})")
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint ``run_dir/checkpoints/latest`` points to, or None if there is none yet."""
+    pointer = Path(run_dir) / "checkpoints" / LATEST
+    if not pointer.exists():
+        return None
+    return resolve_checkpoint(run_dir)
+
+
+# --- RNG state ----------------------------------------------------------------------------------
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG a training step can touch, as tensors and plain values (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    _fsync_dir(path.parent)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module  # DDP
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # torch.compile
+        else:
+            return model
+
+
+def save_checkpoint(path: str | Path, *, model: torch.nn.Module, model_config: ModelConfig,
+                    tokenizer_json: str | None, meta: dict[str, Any],
+                    trainer_state: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint directory at ``path`` atomically (temp dir, fsync, rename).
+
+    Refuses (CheckpointError) to write weights that hold NaN or inf. An existing directory at
+    ``path`` is replaced only after the new one is complete.
+    """
+    path = Path(path)
+    model = _unwrap(model)
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise CheckpointError(f"refusing to write {path}: parameter {name} holds NaN/inf")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+    st_save_model(model, str(tmp / WEIGHTS))
+    (tmp / CONFIG).write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
+    if tokenizer_json is not None:
+        (tmp / TOKENIZER).write_text(tokenizer_json)
+    full_meta = {"tinygpt_version": __version__, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **meta}
+    (tmp / META).write_text(json.dumps(full_meta, indent=2, default=str) + "\n")
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+    for f in tmp.iterdir():
+        _fsync_file(f)
+    _fsync_dir(tmp)
+
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_training_checkpoint(run_dir: str | Path, step: int, *, keep_last: int = 2, **kwargs: Any) -> Path:
+    """Save ``run_dir/checkpoints/step_XXXXXXXX``, move ``latest`` to it, prune older ones."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    path = save_checkpoint(ckpt_root / f"step_{step:08d}", **kwargs)
+    _write_text_atomic(ckpt_root / LATEST, path.name + "\n")
+    if keep_last > 0:
+        steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+        for old in steps[:-keep_last]:
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"missing file: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt JSON ({e})") from None
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    ckpt = resolve_checkpoint(path)
+    try:
+        return ModelConfig.from_dict(_read_json(ckpt / CONFIG))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt / CONFIG}: invalid model config ({e})") from None
+
+
+def load_meta(path: str | Path) -> dict[str, Any]:
+    ckpt = resolve_checkpoint(path)
+    return _read_json(ckpt / META) if (ckpt / META).exists() else {}
+
+
+def load_tokenizer_json(path: str | Path) -> str:
+    ckpt = resolve_checkpoint(path)
+    f = ckpt / TOKENIZER
+    if not f.exists():
+        raise CheckpointError(f"missing file: {f}")
+    return f.read_text()
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu",
+               config_overrides: dict[str, Any] | None = None) -> tuple[GPT, ModelConfig]:
+    """Build the model from ``config.json`` and load ``model.safetensors`` (strict).
+
+    ``config_overrides`` (e.g. ``{"scalar_head": True}``) builds a model with extra parts that
+    the checkpoint lacks; those keep their fresh initialisation.
+    """
+    ckpt = resolve_checkpoint(path)
+    saved_cfg = load_config(ckpt)
+    cfg = ModelConfig.from_dict({**saved_cfg.to_dict(), **(config_overrides or {})})
+    model = GPT(cfg)
+    weights = ckpt / WEIGHTS
+    if not weights.exists():
+        raise CheckpointError(f"missing file: {weights}")
+    try:
+        missing, unexpected = st_load_model(model, str(weights), strict=False, device=str(device))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{weights}: unreadable or truncated ({e})") from None
+    # A scalar head asked for on top of a checkpoint without one starts fresh; nothing else may.
+    new_head = cfg.scalar_head and not saved_cfg.scalar_head
+    allowed_missing = {k for k in missing if new_head and k.startswith("scalar_head.")}
+    bad_missing = [k for k in missing if k not in allowed_missing]
+    if bad_missing or unexpected:
+        raise CheckpointError(f"{weights}: does not match {ckpt / CONFIG} "
+                              f"(missing {bad_missing[:5]}, unexpected {list(unexpected)[:5]})")
+    return model.to(device), cfg
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, *, device: str | torch.device = "cpu") -> None:
+    """Load a checkpoint's weights into an existing model of the same config (strict)."""
+    weights = resolve_checkpoint(path) / WEIGHTS
+    if not weights.exists():
+        raise CheckpointError(f"missing file: {weights}")
+    try:
+        st_load_model(_unwrap(model), str(weights), strict=True, device=str(device))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{weights}: unreadable, truncated or of another shape ({e})") from None
+
+
+def load_trainer_state(path: str | Path) -> dict[str, Any]:
+    """The resume state, loaded with ``weights_only=True``; errors name the file."""
+    ckpt = resolve_checkpoint(path)
+    f = ckpt / TRAINER_STATE
+    if not f.exists():
+        raise CheckpointError(f"missing file: {f} (this checkpoint cannot be resumed)")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle opcode, ...: all mean a corrupt file
+        raise CheckpointError(f"{f}: unreadable or truncated ({type(e).__name__}: {e})") from None

@@ -1,0 +1,104 @@
+"""The ``tinygpt`` command: one sub-command per stage, each built from its config dataclass.
+
+    tinygpt <command> [--config FILE.toml] [--field-name VALUE ...]
+
+Flags come from the stage's dataclass fields (``batch_size`` -> ``--batch-size``) with their help
+text and defaults, so ``tinygpt pretrain --help`` documents every knob. A TOML preset given with
+``--config`` sets fields from its table named after the command (``[pretrain]``), or from its top
+level if it has no such table; flags override it. Stage modules are imported only when their
+command runs, so ``tinygpt --help`` is instant.
+
+Under torchrun use the module form: ``torchrun --nproc_per_node=2 -m tinygpt.cli pretrain ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Any
+
+from tinygpt import __version__
+from tinygpt.config import add_dataclass_args, load_toml, resolve
+
+# command words -> (module, config class, positional fields, one-line description)
+COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
+    ("world", "make"): ("tinygpt.stages.world", "WorldConfig", (),
+                        "generate the synthetic world: stories corpus, SFT chats, RL prompts, task splits"),
+    ("tokenizer", "train"): ("tinygpt.stages.tokenizer", "TokenizerConfig", (),
+                             "train a byte-level BPE tokenizer on text / JSONL / Parquet / datasets files"),
+    ("prepare",): ("tinygpt.stages.prepare", "PrepareConfig", (),
+                   "tokenize documents into packed train/val token shards"),
+    ("pretrain",): ("tinygpt.stages.pretrain", "PretrainConfig", (),
+                    "pretrain a Transformer on token shards (resumable, DDP under torchrun)"),
+    ("sample",): ("tinygpt.stages.sample", "SampleConfig", ("checkpoint",),
+                  "sample text from a checkpoint"),
+    ("demo",): ("tinygpt.pipeline", "DemoConfig", (),
+                "the main job: world -> tokenizer -> pretrain -> samples scored by the oracle"),
+}
+
+
+def _top_help() -> str:
+    lines = [f"tinygpt {__version__}: the ChatGPT recipe at laptop scale.", "", "commands:"]
+    for words, (_, _, _, desc) in COMMANDS.items():
+        lines.append(f"  {' '.join(words):<18} {desc}")
+    lines += ["", "Run `tinygpt <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def _match(argv: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
+    for words in sorted(COMMANDS, key=len, reverse=True):
+        if tuple(argv[: len(words)]) == words:
+            return words, argv[len(words):]
+    return None
+
+
+def build_parser(words: tuple[str, ...]) -> tuple[argparse.ArgumentParser, type]:
+    module_name, class_name, positional, desc = COMMANDS[words]
+    module = importlib.import_module(module_name)
+    cls = getattr(module, class_name)
+    parser = argparse.ArgumentParser(prog="tinygpt " + " ".join(words), description=desc,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="TOML preset: fields from its [%s] table (or top level); flags override it" % words[0])
+    add_dataclass_args(parser, cls, positional)
+    return parser, cls
+
+
+def run(argv: list[str]) -> Any:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_top_help())
+        return None
+    if argv[0] == "--version":
+        print(__version__)
+        return None
+    found = _match(argv)
+    if found is None:
+        group = [w for w in COMMANDS if w[0] == argv[0]]
+        if group:
+            verbs = ", ".join(" ".join(w) for w in group)
+            sys.exit(f"tinygpt: '{argv[0]}' needs a verb: {verbs}")
+        sys.exit(f"tinygpt: unknown command {argv[0]!r}\n\n{_top_help()}")
+    words, rest = found
+    parser, cls = build_parser(words)
+    args = parser.parse_args(rest)
+    section = words[0]
+    if args.config and section not in load_toml(args.config):
+        section = None  # a flat preset file
+    try:
+        cfg = resolve(cls, args, section=section)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    module = importlib.import_module(COMMANDS[words][0])
+    return module.main(cfg)
+
+
+def main() -> None:
+    try:
+        run(sys.argv[1:])
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

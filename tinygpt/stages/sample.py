@@ -1,0 +1,78 @@
+"""``tinygpt sample CKPT --prompt ...``: text in, text out, around the token-level sampler.
+
+Encodes the prompts with the checkpoint's own tokenizer, calls tinygpt.generate (which knows only
+token ids), decodes, and cuts at stop strings. With ``--stream`` one prompt's tokens are printed
+as they come. An empty prompt means "start a story": the sampler starts from BOS.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from tinygpt import runtime
+from tinygpt.checkpoint import load_model, load_tokenizer_json
+from tinygpt.config import opt
+from tinygpt.generate import SamplingConfig, generate, stop_strings, stream
+from tinygpt.tokenizer import Tokenizer
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str = opt("", "checkpoint directory, or a run directory (its latest checkpoint)")
+    prompt: list[str] = opt([""], "prompt(s), comma-separated on the command line; '' starts from BOS")
+    num_samples: int = opt(1, "samples per prompt")
+    max_new_tokens: int = opt(200, "most tokens to generate per sample")
+    temperature: float = opt(0.8, "softmax temperature; 0 = greedy")
+    top_k: int = opt(0, "keep the k most likely tokens (0 = off)")
+    top_p: float = opt(0.95, "nucleus sampling threshold (1 = off)")
+    repetition_penalty: float = opt(1.0, "penalty on tokens already seen (1 = off)")
+    stop: list[str] = opt([], "stop strings (comma-separated); the output is cut before them")
+    seed: int = opt(0, "sampling seed (same seed, same text)")
+    stream: bool = opt(False, "print tokens as they come (one prompt, one sample)")
+    device: str = opt("auto", "auto, cpu, cuda or mps")
+
+
+def main(cfg: SampleConfig) -> list[str]:
+    if not cfg.checkpoint:
+        raise ValueError("a checkpoint is required: tinygpt sample CKPT --prompt ...")
+    device = runtime.resolve_device(cfg.device)
+    model, _ = load_model(cfg.checkpoint, device=device)
+    model.eval()
+    tok = Tokenizer.from_str(load_tokenizer_json(cfg.checkpoint))
+    scfg = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                          repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens,
+                          seed=cfg.seed)
+    stopper = stop_strings(tok.decode, cfg.stop) if cfg.stop else None
+    prompts = [p for p in cfg.prompt for _ in range(cfg.num_samples)]
+    ids = [tok.encode(p, add_bos=True) for p in prompts]
+
+    if cfg.stream:
+        if len(ids) != 1:
+            raise ValueError("--stream prints one sample: give one prompt and --num-samples 1")
+        sys.stdout.write(prompts[0])
+        new: list[int] = []
+        shown = ""
+        for t in stream(model, ids[0], scfg, eos_id=tok.eos_id, should_stop=stopper):
+            new.append(t)
+            text = tok.decode(new)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+        sys.stdout.write("\n")
+        return [prompts[0] + _cut(tok.decode(new), cfg.stop)]
+
+    with torch.inference_mode():
+        outs = generate(model, ids, scfg, eos_id=tok.eos_id, should_stop=stopper)
+    texts = [p + _cut(tok.decode(o), cfg.stop) for p, o in zip(prompts, outs)]
+    for i, t in enumerate(texts):
+        print(f"--- sample {i + 1} ---\n{t}")
+    return texts
+
+
+def _cut(text: str, stops: list[str]) -> str:
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
