@@ -1,0 +1,49 @@
+"""Stage ``tinygpt world``: generate the synthetic world's datasets into a directory.
+
+Reads nothing; writes pretraining stories, the Task 1 split of every task family, SFT chats, RL
+prompts and ``world.json`` (see :mod:`tinygpt.world.export` for the files and their formats).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tinygpt.config import opt, save_config
+from tinygpt.world.export import FORMATS, export_world
+from tinygpt.world.split import Split, parse_residues
+from tinygpt.world.tasks import FAMILIES
+
+
+@dataclass
+class WorldConfig:
+    out: Path = opt(Path("runs/world"), "directory to write the world's datasets into")
+    seed: int = opt(0, "seed for everything generated: same seed, same bytes")
+    n_stories: int = opt(20000, "pretraining corpus size in stories (20000 ~ a few minutes of pretraining on 2 CPU cores)")
+    rude_share: float = opt(0.05, "share of pretraining stories that are rude on purpose")
+    n_items: int = opt(100, "task items per family (Task 1: 100, indices 1..n_items)")
+    modulus: int = opt(10, "split rule: item i is a test item iff i % modulus is in test_residues")
+    test_residues: str = opt("1,3,7", "comma-separated residues that make an item a test item")
+    noise: float = opt(0.1, "per-word chance of a spelling mistake or swapped words in noisy train instructions")
+    n_sft_chats: int = opt(2000, "SFT training chats (every train item single-turn in turn, plus multi-turn chats)")
+    multi_turn_share: float = opt(0.25, "share of SFT training chats that are multi-turn")
+    n_rl_prompts: int = opt(1000, "RL prompts drawn in turn from the train items")
+    families: str = opt(",".join(FAMILIES), "comma-separated task families to include")
+    formats: str = opt("jsonl,datasets", f"comma-separated output formats, from {','.join(FORMATS)}")
+    progress: bool = opt(True, "show a progress bar while generating the corpus")
+
+
+def main(cfg: WorldConfig) -> dict:
+    split = Split(n=cfg.n_items, modulus=cfg.modulus, test_residues=parse_residues(cfg.test_residues))
+    summary = export_world(
+        cfg.out, seed=cfg.seed, n_stories=cfg.n_stories, rude_share=cfg.rude_share, split=split,
+        noise=cfg.noise, n_sft_chats=cfg.n_sft_chats, n_rl_prompts=cfg.n_rl_prompts,
+        multi_turn_share=cfg.multi_turn_share,
+        formats=[f.strip() for f in cfg.formats.split(",") if f.strip()],
+        families=[f.strip() for f in cfg.families.split(",") if f.strip()], progress=cfg.progress)
+    save_config(cfg, Path(cfg.out) / "config.json")
+    counts = summary["counts"]
+    print(f"world written to {cfg.out}: {counts['pretrain']} stories, {counts['sft_train']} SFT train chats, "
+          f"{counts['sft_test']} SFT test chats, {counts['rl_prompts']} RL prompts; "
+          f"dedupe dropped {summary['dedupe_dropped']}")
+    return summary
