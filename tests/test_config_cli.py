@@ -58,6 +58,12 @@ def test_pretrain_help_lists_every_field():
     assert "peak learning rate" in text
 
 
+@pytest.mark.parametrize("words", list(COMMANDS))
+def test_every_command_help_renders(words):
+    parser, _ = build_parser(words)
+    assert "--config" in parser.format_help()
+
+
 def test_cli_unknown_command_and_top_help():
     out = subprocess.run([sys.executable, "-m", "tinygpt.cli", "frobnicate"], capture_output=True, text=True)
     assert out.returncode != 0 and "unknown command" in out.stderr

@@ -103,7 +103,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, positional: t
     """Add one ``--field-name`` option per dataclass field (``positional`` ones as arguments)."""
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
-        helptext = f.metadata.get("help", "")
+        helptext = f.metadata.get("help", "").replace("%", "%%")  # argparse expands %-formats in help
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         base, _ = _base_type(hints[f.name])
@@ -115,10 +115,16 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, positional: t
         flag = "--" + f.name.replace("_", "-")
         if base is bool:
             parser.add_argument(flag, dest=f.name, nargs="?", const="true", default=argparse.SUPPRESS,
-                                metavar="BOOL", help=f"{helptext} (default: {default})")
+                                metavar="BOOL", help=f"{helptext} (default: {_show(default)})")
         else:
             parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
-                                help=f"{helptext} (default: {default})")
+                                help=f"{helptext} (default: {_show(default)})")
+
+
+def _show(default: Any) -> str:
+    if isinstance(default, (list, tuple)):
+        default = ",".join(map(str, default)) or "none"
+    return str(default).replace("%", "%%")
 
 
 def resolve(cls: type[T], args: argparse.Namespace, section: str | None = None) -> T:

@@ -1,0 +1,1 @@
+"""Evaluation: story grading with the oracle, task accuracy."""
