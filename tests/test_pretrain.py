@@ -108,3 +108,31 @@ def test_ddp_two_ranks_equal_one_process(data_dir, tmp_path):
     wa, wb = _weights(tmp_path / "ddp"), _weights(tmp_path / "single")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_resumable_checkpoint(data_dir, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "term"
+    cmd = [sys.executable, "-m", "tinygpt.cli", "pretrain", "--data", str(data_dir), "--out", str(out),
+           "--model-size", "0.5m", "--block-size", "32", "--n-layer", "2", "--d-model", "32", "--n-head", "2",
+           "--max-steps", "100000", "--save-every", "100000", "--eval-every", "100000", "--log-every", "1",
+           "--device", "cpu", "--dtype", "float32", "--progress", "false"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    while time.time() < deadline and len(read_metrics(out / "metrics.jsonl")) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "interrupted: saving step" in output
+    step = int(resolve_checkpoint(out).name.split("_")[1])
+    assert step >= 3
+    # the saved state resumes: one more step on top of it
+    pretrain.main(_cfg(data_dir, out, max_steps=100000, stop_after=1, resume=True, save_every=100000, batch_size=16,
+                       eval_every=100000, block_size=32, n_layer=2, d_model=32, n_head=2, seed=1337))
+    assert resolve_checkpoint(out).name == f"step_{step + 1:08d}"

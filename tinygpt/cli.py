@@ -90,7 +90,10 @@ def run(argv: list[str]) -> Any:
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     module = importlib.import_module(COMMANDS[words][0])
-    return module.main(cfg)
+    result = module.main(cfg)
+    if isinstance(result, dict) and result.get("interrupted"):
+        sys.exit(130)  # saved and stopped on Ctrl-C / SIGTERM: the conventional "interrupted" status
+    return result
 
 
 def main() -> None:

@@ -92,11 +92,14 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     if done_step >= cfg.max_steps:
         print(f"skip: {ckpt} is complete (step {done_step})")
     else:
-        pretrain.main(pretrain.PretrainConfig(
+        result = pretrain.main(pretrain.PretrainConfig(
             data=str(data_dir), out=str(pt_dir), model_size=cfg.model_size, arch=cfg.arch,
             block_size=cfg.block_size, batch_size=cfg.batch_size, max_steps=cfg.max_steps, lr=cfg.lr,
             min_lr=cfg.lr / 10, eval_every=cfg.eval_every, save_every=cfg.eval_every, seed=cfg.seed,
             device=cfg.device, dtype=cfg.dtype, resume=ckpt is not None))
+        if result["interrupted"]:
+            print(f"demo interrupted at pretraining step {result['step']}: rerun the same command to resume")
+            return {"interrupted": True, "step": result["step"]}
 
     # --- samples, graded by the oracle ------------------------------------------------------
     _banner(5, n, "samples", t0)

@@ -190,6 +190,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
                disable=not (cfg.progress and dist_info.is_main))
     last: dict[str, Any] = {}
     step = start_step
+    interrupted = False
     t_last, steps_since = time.perf_counter(), 0
     model.train()
     with _StopFlag() as stop:
@@ -244,6 +245,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
             if runtime.all_reduce_mean(stop_now).item() > 0:
                 if dist_info.is_main:
                     bar.write(f"interrupted: saving step {step} (resume with --resume)")
+                interrupted = True
                 break
     bar.close()
 
@@ -256,5 +258,5 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         print(f"pretrain: step {step}/{cfg.max_steps}, checkpoint {ckpt}")
     runtime.barrier()
     runtime.cleanup_distributed()
-    return {"step": step, "checkpoint": str(ckpt) if ckpt else None, **last}
+    return {"step": step, "checkpoint": str(ckpt) if ckpt else None, "interrupted": interrupted, **last}
 
