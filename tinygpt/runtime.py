@@ -14,7 +14,9 @@ Knows nothing about models, data or stages.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 import random
 from dataclasses import dataclass
 
@@ -68,6 +70,23 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to reuse freed memory instead of returning each large block to the OS.
+
+    A training step allocates several (B, T, V) tensors of ~67 MB; by default glibc mmaps and
+    unmaps each one, so every step pays page faults on fresh memory (15-25% of a step measured
+    here). Linux/glibc only; elsewhere a no-op returning False.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 def seed_everything(seed: int) -> None:

@@ -121,6 +121,7 @@ class _StopFlag:
 def main(cfg: PretrainConfig) -> dict[str, Any]:
     # --- setup -----------------------------------------------------------------------------
     dist_info, device = runtime.init_distributed(cfg.device)
+    runtime.keep_freed_memory()
     dtype = runtime.resolve_dtype(cfg.dtype, device)
     out = Path(cfg.out)
     if not cfg.data:
