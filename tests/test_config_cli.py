@@ -22,8 +22,8 @@ class Toy:
 
 
 def test_from_dict_converts_and_rejects_unknown():
-    cfg = from_dict(Toy, {"steps": "7", "lr": "1e-3", "flag": "yes", "size": "none", "words": "a,b"})
-    assert (cfg.steps, cfg.lr, cfg.flag, cfg.size, cfg.words) == (7, 1e-3, True, None, ["a", "b"])
+    cfg = from_dict(Toy, {"steps": "7", "lr": "1e-3", "flag": "yes", "size": "none", "words": ["a, b", "c"]})
+    assert (cfg.steps, cfg.lr, cfg.flag, cfg.size, cfg.words) == (7, 1e-3, True, None, ["a, b", "c"])
     with pytest.raises(ValueError, match="unknown field"):
         from_dict(Toy, {"stepz": 1})
     with pytest.raises(ValueError, match="steps: expected int"):
@@ -40,9 +40,10 @@ def test_toml_preset_then_flags(tmp_path):
     parser = argparse.ArgumentParser()
     parser.add_argument("--config")
     add_dataclass_args(parser, Toy)
-    args = parser.parse_args(["--config", str(preset), "--name", "flag", "--flag"])
+    args = parser.parse_args(["--config", str(preset), "--name", "flag", "--flag", "--words", "Once, upon", "a"])
     cfg = resolve(Toy, args, section="toy")
     assert (cfg.steps, cfg.name, cfg.flag) == (10, "flag", True)
+    assert cfg.words == ["Once, upon", "a"]  # list items are never split on commas
     save_config(cfg, tmp_path / "resolved.json")
     saved = json.loads((tmp_path / "resolved.json").read_text())
     assert saved["steps"] == 10 and saved["config_class"] == "Toy" and "tinygpt_version" in saved

@@ -49,7 +49,9 @@ def _convert(tp: Any, raw: Any, name: str) -> Any:
     origin = typing.get_origin(base)
     if origin in (list, tuple):
         (inner,) = typing.get_args(base)[:1] or (str,)
-        items = raw if isinstance(raw, (list, tuple)) else [s for s in str(raw).split(",") if s != ""]
+        items = raw if isinstance(raw, (list, tuple)) else [raw]
+        if inner is not str:  # numbers may also come comma-separated: --pass-k 1,5 == --pass-k 1 5
+            items = [part for x in items for part in (str(x).split(",") if isinstance(x, str) else [x]) if part != ""]
         return [_convert(inner, x, name) for x in items]
     if base is bool:
         if isinstance(raw, bool):
@@ -113,7 +115,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, positional: t
                                 default=argparse.SUPPRESS)
             continue
         flag = "--" + f.name.replace("_", "-")
-        if base is bool:
+        if typing.get_origin(base) in (list, tuple):
+            parser.add_argument(flag, dest=f.name, nargs="+", default=argparse.SUPPRESS, metavar="VALUE",
+                                help=f"{helptext}; one or more, space-separated (default: {_show(default)})")
+        elif base is bool:
             parser.add_argument(flag, dest=f.name, nargs="?", const="true", default=argparse.SUPPRESS,
                                 metavar="BOOL", help=f"{helptext} (default: {_show(default)})")
         else:

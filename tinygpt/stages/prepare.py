@@ -17,7 +17,7 @@ from tinygpt.data.shards import prepare_shards
 
 @dataclass
 class PrepareConfig:
-    inputs: list[str] = opt([], "files, directories or globs of documents (.txt, .jsonl, .parquet, datasets dirs); comma-separated")
+    inputs: list[str] = opt([], "files, directories or globs of documents (.txt, .jsonl, .parquet, datasets dirs)")
     tokenizer: str = opt("runs/tokenizer", "tokenizer.json, or a directory holding one (e.g. from `tinygpt tokenizer train`)")
     out: str = opt("runs/data", "output directory for train.bin, val.bin, meta.json, tokenizer.json")
     val_fraction: float = opt(0.05, "share of documents held out for validation (by a seeded hash of each document)")

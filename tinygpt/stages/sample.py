@@ -22,14 +22,14 @@ from tinygpt.tokenizer import Tokenizer
 @dataclass
 class SampleConfig:
     checkpoint: str = opt("", "checkpoint directory, or a run directory (its latest checkpoint)")
-    prompt: list[str] = opt([""], "prompt(s), comma-separated on the command line; '' starts from BOS")
+    prompt: list[str] = opt([""], "prompt(s); '' starts a story from BOS")
     num_samples: int = opt(1, "samples per prompt")
     max_new_tokens: int = opt(200, "most tokens to generate per sample")
     temperature: float = opt(0.8, "softmax temperature; 0 = greedy")
     top_k: int = opt(0, "keep the k most likely tokens (0 = off)")
     top_p: float = opt(0.95, "nucleus sampling threshold (1 = off)")
     repetition_penalty: float = opt(1.0, "penalty on tokens already seen (1 = off)")
-    stop: list[str] = opt([], "stop strings (comma-separated); the output is cut before them")
+    stop: list[str] = opt([], "stop strings; the output is cut before them")
     seed: int = opt(0, "sampling seed (same seed, same text)")
     stream: bool = opt(False, "print tokens as they come (one prompt, one sample)")
     device: str = opt("auto", "auto, cpu, cuda or mps")

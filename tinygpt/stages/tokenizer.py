@@ -24,7 +24,7 @@ COMPRESSION_SAMPLE_DOCS = 1000
 
 @dataclass
 class TokenizerConfig:
-    inputs: list[str] = opt([], "files, directories or globs of documents (.txt, .jsonl, .parquet, datasets dirs); comma-separated")
+    inputs: list[str] = opt([], "files, directories or globs of documents (.txt, .jsonl, .parquet, datasets dirs)")
     out: str = opt("runs/tokenizer", "output directory for tokenizer.json and the transformers files")
     vocab_size: int = opt(4096, "vocabulary size: 7 special + 256 byte tokens + merges")
     min_frequency: int = opt(2, "a pair must occur this often to be merged")
