@@ -33,6 +33,12 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
                     "pretrain a Transformer on token shards (resumable, DDP under torchrun)"),
     ("sample",): ("tinygpt.stages.sample", "SampleConfig", ("checkpoint",),
                   "sample text from a checkpoint"),
+    ("rank",): ("tinygpt.stages.rank", "RankConfig", (),
+                "sample K answers per prompt from a policy and rank them with the simulated labeler"),
+    ("reward",): ("tinygpt.stages.reward", "RewardConfig", (),
+                  "train a reward model (scalar head, Bradley-Terry loss) on rankings"),
+    ("dpo",): ("tinygpt.stages.dpo", "DPOConfig", (),
+               "direct preference optimisation against the frozen SFT reference"),
     ("demo",): ("tinygpt.pipeline", "DemoConfig", (),
                 "the main job: world -> tokenizer -> pretrain -> samples scored by the oracle"),
 }

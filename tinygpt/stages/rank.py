@@ -1,0 +1,201 @@
+"""Comparison data: sample K answers per prompt from the SFT policy and rank them with the simulated labeler.
+
+InstructGPT's step 2 data: for each prompt, K in 4..9 completions are shown to a labeler, who ranks
+them best first; the ranking gives K-choose-2 comparisons. Here the policy samples the K answers
+(batched, ``tinygpt.generate`` on the prompt rendered by ``render_chat(add_generation_prompt=True)``,
+stopping at ``<|end|>`` or EOS), and ``tinygpt.world.labeler.Labeler`` ranks them from the oracle's
+utility plus Gumbel noise (``--labeler-noise``; the default makes two labelers agree on ~73% of
+pairs, as InstructGPT's labelers did).
+
+Writes into OUT:
+    rankings.jsonl, rankings_val.jsonl   {"prompt", "completions", "ranking", "utilities", "family", "index", "meta"}
+    pairs.jsonl, pairs_val.jsonl         {"prompt", "chosen", "rejected", "family", "index"}: all K-choose-2 pairs
+                                         of each ranking (identical answers give no pair, and are counted)
+    summary.json                         counts, mean oracle utility / helpfulness of the samples, tie shares
+A seeded share of the prompts (``--val-fraction``) goes to the ``_val`` files only, so the reward
+model's held-out accuracy is measured on prompts it never saw.
+
+    tinygpt rank --policy runs/x/sft --prompts runs/x/world/rl_prompts.jsonl --out runs/x/rank --k 4
+
+Uses: checkpoint, generate, tokenizer, world.labeler, data.sources, data.preferences.ranking_to_pairs.
+It does not train anything.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tinygpt import runtime
+from tinygpt.checkpoint import CheckpointError, load_model, load_tokenizer_json
+from tinygpt.config import opt, save_config
+from tinygpt.data.preferences import parse_prompt, ranking_to_pairs
+from tinygpt.data.sources import DataError, iter_records
+from tinygpt.generate import SamplingConfig, generate
+from tinygpt.tokenizer import Tokenizer
+from tinygpt.world.export import write_jsonl
+from tinygpt.world.labeler import DEFAULT_NOISE, Labeler
+
+
+@dataclass
+class RankConfig:
+    policy: str = opt("", "SFT checkpoint that samples the K answers (a run directory or checkpoint directory)")
+    prompts: str = opt("", "prompts JSONL {\"prompt\": [messages] or text, \"meta\": {family, gold/spec, ...}} "
+                           "(the world's rl_prompts.jsonl)")
+    out: str = opt("runs/rank", "output directory: rankings.jsonl, pairs.jsonl, their _val twins, summary.json")
+    k: int = opt(4, "completions sampled and ranked per prompt (InstructGPT: 4 to 9)")
+    n_prompts: int = opt(0, "prompts to use, from the start of the file (0 = all)")
+    val_fraction: float = opt(0.1, "share of the prompts held out into rankings_val.jsonl / pairs_val.jsonl")
+    temperature: float = opt(1.0, "sampling temperature (diverse answers make informative comparisons)")
+    top_p: float = opt(1.0, "nucleus sampling threshold (1 = off)")
+    max_new_tokens: int = opt(64, "most tokens per answer")
+    labeler_noise: float = opt(DEFAULT_NOISE, "the simulated labeler's Gumbel noise on utilities (0 = the oracle's "
+                                              "order; the default gives ~73% agreement between two labelers)")
+    seed: int = opt(1337, "seed for the sampling, the labeler and the validation split")
+    batch_size: int = opt(64, "sequences sampled at once (prompts x K)")
+    device: str = opt("auto", "auto, cpu, cuda or mps")
+    progress: bool = opt(True, "show a progress bar")
+
+
+def _prompt_meta(record: dict[str, Any], where: str) -> dict[str, Any]:
+    """What the labeler grades with: the record's ``meta`` (holding ``family``), or the record itself."""
+    meta = record.get("meta")
+    if isinstance(meta, str):  # `datasets` exports store meta as a JSON string
+        try:
+            meta = json.loads(meta)
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: field 'meta' is a string but not JSON") from None
+    if isinstance(meta, dict) and "family" in meta:
+        return meta
+    if "family" in record and isinstance(meta, dict):
+        return {"family": record["family"], **meta}
+    raise DataError(f"{where}: field 'meta' must be an object with the task's 'family' (and 'gold' or 'spec'), "
+                    f"so the labeler can grade answers; got {type(meta).__name__}")
+
+
+def read_prompts(path: str, limit: int) -> list[tuple[str, list[dict[str, Any]], dict[str, Any], dict[str, Any]]]:
+    """(where, prompt messages, grading meta, record) per line, at most ``limit`` (0 = all)."""
+    out = []
+    for where, record in iter_records(path):
+        if "prompt" not in record:
+            raise DataError(f"{where}: missing field 'prompt' (fields present: {sorted(record)})")
+        prompt = parse_prompt(record["prompt"], where)
+        if prompt[-1]["role"] == "assistant":
+            raise DataError(f"{where}: field 'prompt' ends with an assistant message; it must end with the user's turn")
+        out.append((where, prompt, _prompt_meta(record, where), record))
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise DataError(f"{path}: no prompts")
+    return out
+
+
+def val_mask(n: int, fraction: float, seed: int) -> np.ndarray:
+    """A seeded boolean mask choosing round(n * fraction) of n prompts (at least 1 when fraction > 0 and n > 1)."""
+    n_val = round(n * fraction)
+    if fraction > 0 and n > 1:
+        n_val = min(max(n_val, 1), n - 1)
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng([seed, 7]).permutation(n)[:n_val]] = True
+    return mask
+
+
+def main(cfg: RankConfig) -> dict[str, Any]:
+    # --- setup -----------------------------------------------------------------------------
+    if not cfg.policy:
+        raise ValueError("--policy is required: the SFT checkpoint that samples answers (e.g. runs/x/sft)")
+    if not cfg.prompts:
+        raise ValueError("--prompts is required: e.g. runs/x/world/rl_prompts.jsonl")
+    if not 2 <= cfg.k <= 16:
+        raise ValueError(f"--k must be in 2..16 (InstructGPT used 4..9), got {cfg.k}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.batch_size < 1 or cfg.n_prompts < 0:
+        raise ValueError("--batch-size must be >= 1 and --n-prompts >= 0")
+    device = runtime.resolve_device(cfg.device)
+    out = Path(cfg.out)
+    save_config(cfg, out / "resolved_config.json")
+
+    # --- model and data ------------------------------------------------------------------------
+    model, mcfg = load_model(cfg.policy, device=device)
+    model.eval()
+    tokenizer = Tokenizer.from_str(load_tokenizer_json(cfg.policy))
+    if tokenizer.vocab_size != mcfg.vocab_size:
+        raise CheckpointError(f"{cfg.policy}: tokenizer has {tokenizer.vocab_size} tokens, model {mcfg.vocab_size}")
+    prompts = read_prompts(cfg.prompts, cfg.n_prompts)
+    rendered = [tokenizer.render_chat(p, add_generation_prompt=True)[0] for _, p, _, _ in prompts]
+    room = mcfg.block_size - cfg.max_new_tokens
+    if room < 2:
+        raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in block_size {mcfg.block_size}")
+    usable = [i for i, ids in enumerate(rendered) if len(ids) <= room]
+    too_long = len(prompts) - len(usable)
+    if not usable:
+        raise DataError(f"{cfg.prompts}: every prompt is longer than block_size - max_new_tokens = {room} tokens")
+    is_val = val_mask(len(usable), cfg.val_fraction, cfg.seed)
+    labeler = Labeler(cfg.labeler_noise, seed=cfg.seed)
+
+    # --- sample and rank ---------------------------------------------------------------------------
+    prompts_per_batch = max(1, cfg.batch_size // cfg.k)
+    files: dict[str, list[dict]] = {"rankings": [], "rankings_val": [], "pairs": [], "pairs_val": []}
+    utilities_all, helpful_all = [], []
+    n_pairs = tied = identical = unfinished = 0
+    bar = tqdm(total=len(usable), desc="rank", unit="prompt", dynamic_ncols=True, disable=not cfg.progress)
+    for b, first in enumerate(range(0, len(usable), prompts_per_batch)):
+        chunk = usable[first:first + prompts_per_batch]
+        sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                  seed=cfg.seed * 100_003 + b)
+        # K copies of each prompt, next to each other: rows [j*K, (j+1)*K) belong to prompt chunk[j]
+        new_tokens = generate(model, [rendered[i] for i in chunk for _ in range(cfg.k)], sampling,
+                              eos_id=tokenizer.eos_id, stop_sequences=[[tokenizer.end_id]])
+        for j, i in enumerate(chunk):
+            where, prompt, meta, record = prompts[i]
+            samples = new_tokens[j * cfg.k:(j + 1) * cfg.k]
+            unfinished += sum(len(s) == cfg.max_new_tokens for s in samples)
+            completions = [tokenizer.decode(s, skip_special=True).strip() for s in samples]
+            scores = [labeler.scores(meta, c) for c in completions]
+            utilities = [s["utility"] for s in scores]
+            ranking = labeler.rank_utilities(utilities)
+            utilities_all += utilities
+            helpful_all += [s["helpful"] for s in scores]
+            for a, c in itertools.combinations(range(cfg.k), 2):
+                tied += utilities[a] == utilities[c]
+                identical += completions[a] == completions[c]
+            split = "_val" if is_val[first + j] else ""
+            extra = {k: record[k] for k in ("family", "index") if k in record}
+            files["rankings" + split].append({"prompt": prompt, "completions": completions, "ranking": ranking,
+                                              "utilities": utilities, **extra, "meta": meta})
+            for chosen, rejected in ranking_to_pairs(ranking):
+                if completions[chosen] == completions[rejected]:
+                    continue  # the same text: no preference to learn (counted in `identical`)
+                files["pairs" + split].append({"prompt": prompt, "chosen": completions[chosen],
+                                               "rejected": completions[rejected], **extra})
+                n_pairs += 1
+        bar.update(len(chunk))
+    bar.close()
+
+    # --- write -----------------------------------------------------------------------------------
+    for name, records in files.items():
+        write_jsonl(out / f"{name}.jsonl", records)
+    all_pairs = len(usable) * math.comb(cfg.k, 2)
+    summary = {
+        "prompts": len(usable), "train_prompts": len(files["rankings"]), "val_prompts": len(files["rankings_val"]),
+        "prompts_too_long": too_long, "k": cfg.k, "labeler_noise": cfg.labeler_noise,
+        "pairs_written": n_pairs, "train_pairs": len(files["pairs"]), "val_pairs": len(files["pairs_val"]),
+        "mean_utility": float(np.mean(utilities_all)), "mean_helpful": float(np.mean(helpful_all)),
+        "tie_share": tied / all_pairs, "identical_share": identical / all_pairs,
+        "unfinished_share": unfinished / (len(usable) * cfg.k),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"rank: {summary['prompts']} prompts x {cfg.k} samples ({summary['val_prompts']} held out, {too_long} too "
+          f"long); mean oracle utility {summary['mean_utility']:.3f}, helpful {summary['mean_helpful']:.3f}; "
+          f"{summary['tie_share']:.1%} of pairs tied in utility, {summary['identical_share']:.1%} identical texts; "
+          f"{n_pairs} pairs written to {out}")
+    return summary
