@@ -183,10 +183,17 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, model_config: M
     return path
 
 
-def save_training_checkpoint(run_dir: str | Path, step: int, *, keep_last: int = 2, **kwargs: Any) -> Path:
-    """Save ``run_dir/checkpoints/step_XXXXXXXX``, move ``latest`` to it, prune older ones."""
-    ckpt_root = Path(run_dir) / "checkpoints"
-    path = save_checkpoint(ckpt_root / f"step_{step:08d}", **kwargs)
+def step_path(run_dir: str | Path, step: int) -> Path:
+    """Where a run keeps the checkpoint of ``step``: ``run_dir/checkpoints/step_XXXXXXXX``."""
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def publish_checkpoint(run_dir: str | Path, path: str | Path, *, keep_last: int = 2) -> Path:
+    """Point ``run_dir/checkpoints/latest`` at the complete checkpoint ``path``; prune older ones.
+
+    Call it only once everything belonging to the checkpoint (e.g. a LoRA adapter) is written.
+    """
+    ckpt_root, path = Path(run_dir) / "checkpoints", Path(path)
     _write_text_atomic(ckpt_root / LATEST, path.name + "\n")
     if keep_last > 0:
         steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
@@ -194,6 +201,12 @@ def save_training_checkpoint(run_dir: str | Path, step: int, *, keep_last: int =
             if old != path:
                 shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def save_training_checkpoint(run_dir: str | Path, step: int, *, keep_last: int = 2, **kwargs: Any) -> Path:
+    """Save ``run_dir/checkpoints/step_XXXXXXXX``, move ``latest`` to it, prune older ones."""
+    path = save_checkpoint(step_path(run_dir, step), **kwargs)
+    return publish_checkpoint(run_dir, path, keep_last=keep_last)
 
 
 # --- reading --------------------------------------------------------------------------------------

@@ -1,0 +1,405 @@
+"""``tinygpt evaluate``: every checkpoint of a run, measured the same way, in one table.
+
+Per checkpoint (its kind comes from ``tinygpt.json``: stage ``pretrain`` is a *base* model, any
+other stage a *chat* model):
+
+* validation perplexity on a token shard directory (``--data``);
+* held-out Task 1 accuracy per family (``tasks/*_test.jsonl`` of the world): chat models answer
+  through the chat template (:func:`tinygpt.eval.tasks.answer`), base models with ``--shots``
+  GPT-3-style demonstrations from the train split (:mod:`tinygpt.eval.fewshot`); greedy, graded by
+  :func:`tinygpt.world.tasks.grade`;
+* the rudeness rate of those answers, and corpus BLEU of the ``summary`` answers;
+* pass@k (Codex's unbiased estimator) from ``--pass-n`` samples per item;
+* sampled stories graded by the oracle (grammar, consistency, novelty against the world's
+  pretraining corpus, rudeness): base models start from BOS, chat models are asked for a story;
+* optionally the same stories graded by an LLM judge (``--judge-url``) with the TinyStories rubric;
+* win rate of its greedy answers against ``--baseline``'s on the same items, judged by the
+  noiseless simulated labeler (its utility) and by a reward model (``--reward``), ties half;
+
+and once per world, the 13-gram contamination of each evaluation set by the training files.
+Writes ``eval.json`` (everything), ``eval.md`` (the tables) and ``answers/NAME.jsonl`` (every
+greedy answer with its grade) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from tinygpt import runtime
+from tinygpt.checkpoint import CheckpointError, load_meta, load_model, load_tokenizer_json, resolve_checkpoint
+from tinygpt.config import opt
+from tinygpt.data.shards import TokenDataset
+from tinygpt.data.sources import iter_documents
+from tinygpt.eval import contamination as contamination_mod
+from tinygpt.eval.fewshot import complete_prompts, fewshot_answers, fewshot_prompts
+from tinygpt.eval.metrics import bleu, mean_pass_at_k, perplexity, win_rate
+from tinygpt.eval.stories import sample_stories, summarize
+from tinygpt.eval.tasks import answer, load_task_records
+from tinygpt.model import GPT
+from tinygpt.tokenizer import Tokenizer
+from tinygpt.world.labeler import Labeler
+from tinygpt.world.oracle import NoveltyIndex, is_rude, story_scores
+from tinygpt.world.tasks import grade
+
+STORY_REQUEST = "Write a short story."
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoints: list[str] = opt([], "checkpoints to evaluate, comma-separated, each NAME=PATH or PATH "
+                                     "(a run directory means its latest checkpoint)")
+    world: str = opt("", "world directory written by `tinygpt world` (tasks/*_test.jsonl, pretrain.jsonl, ...)")
+    data: str = opt("", "token shard directory (`tinygpt prepare`) for validation perplexity; '' skips it")
+    out: str = opt("runs/eval", "directory for eval.json, eval.md and answers/")
+    max_items: int = opt(0, "test items per task family (0 = all of them)")
+    shots: int = opt(3, "demonstrations per question for base (pretrain) checkpoints: 0, 1 or k")
+    max_new_tokens: int = opt(48, "most tokens per task answer (write_story answers get up to the context)")
+    n_stories: int = opt(50, "stories sampled per checkpoint for the oracle (0 = skip)")
+    story_temperature: float = opt(0.7, "sampling temperature of those stories")
+    max_story_tokens: int = opt(0, "most tokens per sampled story (0 = as many as the context holds)")
+    pass_n: int = opt(10, "samples per task item for pass@k (0 = skip pass@k)")
+    pass_k: list[int] = opt([1, 5], "k values of pass@k, comma-separated (each <= pass_n)")
+    pass_items: int = opt(10, "task items per family sampled for pass@k")
+    pass_temperature: float = opt(0.8, "sampling temperature for pass@k samples")
+    baseline: str = opt("", "checkpoint the win rates compare against (usually the SFT model); '' skips win rates")
+    reward: str = opt("", "reward model checkpoint, a second judge of the win rates; '' = labeler only")
+    contamination: bool = opt(True, "report the 13-gram overlap of each evaluation set with the training files")
+    judge_url: str = opt("", "OpenAI-compatible endpoint (e.g. https://api.openai.com/v1) to grade the stories; '' = off")
+    judge_model: str = opt("", "model name sent to the judge endpoint")
+    judge_key_env: str = opt("OPENAI_API_KEY", "environment variable that holds the judge's API key")
+    batch_size: int = opt(16, "prompts decoded together")
+    eval_batches: int = opt(50, "validation batches for perplexity (0 = the whole split)")
+    device: str = opt("auto", "auto, cpu, cuda or mps")
+    dtype: str = opt("auto", "autocast dtype for perplexity: auto, float32 or bfloat16")
+    seed: int = opt(0, "seed of demonstrations, samples and stories")
+    progress: bool = opt(True, "show progress bars")
+
+
+# --- inputs -------------------------------------------------------------------------------------------
+
+def parse_checkpoints(specs: list[str]) -> dict[str, Path]:
+    """``NAME=PATH`` or ``PATH`` (named after the run's stage directory, e.g. ``sft``) -> {name: checkpoint}."""
+    named: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = "", spec
+        ckpt = resolve_checkpoint(path)
+        if not name:
+            # runs/demo/sft/checkpoints/step_00000100 -> "sft"; a bare checkpoint directory -> its own name
+            name = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.name
+        if name in named:
+            raise ValueError(f"two checkpoints named {name!r}; name them explicitly: NAME=PATH")
+        named[name] = ckpt
+    return named
+
+
+def checkpoint_kind(ckpt: Path) -> str:
+    """'base' for a pretraining checkpoint, 'chat' for anything trained on conversations."""
+    stage = load_meta(ckpt).get("stage")
+    if stage is None:
+        raise CheckpointError(f"{ckpt}: tinygpt.json has no 'stage'; cannot tell a base model from a chat model")
+    return "base" if stage == "pretrain" else "chat"
+
+
+def load_world_tasks(world: Path, max_items: int) -> tuple[list[dict], list[dict]]:
+    """(test records, train records) of every family in ``world/tasks``; at most ``max_items`` test items a family."""
+    test_files = sorted((world / "tasks").glob("*_test.jsonl"))
+    if not test_files:
+        raise FileNotFoundError(f"{world / 'tasks'}: no *_test.jsonl; expected a world written by `tinygpt world`")
+    test, train = [], []
+    for path in test_files:
+        records = load_task_records(path)
+        test += records[:max_items] if max_items > 0 else records
+        train_path = path.with_name(path.name.replace("_test.jsonl", "_train.jsonl"))
+        if train_path.is_file():
+            train += load_task_records(train_path)
+    return test, train
+
+
+class Answerer:
+    """Greedy answers and sampled completions of one checkpoint, in its own format (chat or few-shot)."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, kind: str, train_records: list[dict], cfg: EvaluateConfig):
+        self.model, self.tok, self.kind, self.train, self.cfg = model, tokenizer, kind, train_records, cfg
+
+    def greedy(self, records: list[dict]) -> list[str]:
+        """One greedy answer per record ('' where the question does not fit the context)."""
+        answers: list[str] = [""] * len(records)
+        by_family: dict[str, list[int]] = defaultdict(list)
+        for i, r in enumerate(records):
+            by_family[r["family"]].append(i)
+        for family, rows in by_family.items():
+            max_new = self.model.cfg.block_size if family == "write_story" else self.cfg.max_new_tokens
+            subset = [records[i] for i in rows]
+            if self.kind == "chat":
+                got: list[str | None] = list(answer(self.model, self.tok, [r["instruction"] for r in subset],
+                                                    max_new, batch_size=self.cfg.batch_size))
+            else:
+                got, _ = fewshot_answers(self.model, self.tok, subset, self.train, self.cfg.shots,
+                                         max_new_tokens=max_new, batch_size=self.cfg.batch_size, seed=self.cfg.seed)
+            for i, a in zip(rows, got):
+                answers[i] = a or ""
+        return answers
+
+    def prompts(self, instructions: list[str], records: list[dict] | None = None) -> list[list[int] | None]:
+        budget = self.model.cfg.block_size - 1
+        if self.kind == "base":
+            assert records is not None
+            return fewshot_prompts(self.tok, records, self.train, self.cfg.shots, budget, self.cfg.seed)[0]
+        prompts = []
+        for text in instructions:
+            ids, _ = self.tok.render_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+            prompts.append(ids if len(ids) <= budget else None)
+        return prompts
+
+    def sample(self, records: list[dict], n: int, temperature: float, max_new_tokens: int) -> list[list[str]]:
+        prompts = self.prompts([r["instruction"] for r in records], records)
+        return complete_prompts(self.model, self.tok, prompts, stop="newline" if self.kind == "base" else "end",
+                                n=n, temperature=temperature, seed=self.cfg.seed, max_new_tokens=max_new_tokens,
+                                batch_size=self.cfg.batch_size)
+
+
+# --- metrics of one checkpoint ----------------------------------------------------------------------------
+
+def task_scores(records: list[dict], answers: list[str]) -> dict[str, Any]:
+    """Accuracy overall and per family, answer rudeness, summary BLEU."""
+    per_family: dict[str, list[float]] = defaultdict(list)
+    for r, a in zip(records, answers):
+        per_family[r["family"]].append(grade(r, a))
+    scores = [s for ss in per_family.values() for s in ss]
+    summaries = [(a, r["answer"]) for r, a in zip(records, answers) if r["family"] == "summary"]
+    return {
+        "accuracy": statistics.fmean(scores),
+        "per_family": {f: statistics.fmean(s) for f, s in sorted(per_family.items())},
+        "n": len(scores),
+        "answer_rudeness": sum(is_rude(a) for a in answers) / len(answers),
+        "summary_bleu": bleu([h for h, _ in summaries], [ref for _, ref in summaries]) if summaries else None,
+    }
+
+
+def pass_at_k_scores(answerer: Answerer, records: list[dict], cfg: EvaluateConfig) -> dict[str, Any]:
+    """Mean pass@k per family (a sample counts as correct when its grade is 1) and over families."""
+    by_family: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        if len(by_family[r["family"]]) < cfg.pass_items:
+            by_family[r["family"]].append(r)
+    chosen = [r for rs in by_family.values() for r in rs]
+    samples = answerer.sample(chosen, cfg.pass_n, cfg.pass_temperature, cfg.max_new_tokens)
+    correct: dict[str, list[list[bool]]] = defaultdict(list)
+    for r, outs in zip(chosen, samples):
+        correct[r["family"]].append([grade(r, s) >= 1.0 for s in outs])
+    out: dict[str, Any] = {"n": cfg.pass_n, "items_per_family": cfg.pass_items, "per_family": {}}
+    for k in cfg.pass_k:
+        per_family = {f: mean_pass_at_k(c, k) for f, c in sorted(correct.items())}
+        for f, v in per_family.items():
+            out["per_family"].setdefault(f, {})[f"pass@{k}"] = v
+        out[f"pass@{k}"] = statistics.fmean(per_family.values())
+    return out
+
+
+def story_metrics(answerer: Answerer, cfg: EvaluateConfig, novelty: NoveltyIndex | None) -> tuple[dict, list[str]]:
+    """Oracle scores of ``n_stories`` sampled stories: from BOS (base) or asked for (chat)."""
+    model, tok = answerer.model, answerer.tok
+    max_new = min(cfg.max_story_tokens or model.cfg.block_size, model.cfg.block_size - 1)
+    if answerer.kind == "base":
+        sampled = sample_stories(model, tok, cfg.n_stories, temperature=cfg.story_temperature, seed=cfg.seed,
+                                 max_new_tokens=max_new, batch_size=cfg.batch_size)
+    else:
+        (prompt,) = answerer.prompts([STORY_REQUEST])
+        texts = complete_prompts(model, tok, [prompt], stop="end", n=cfg.n_stories, temperature=cfg.story_temperature,
+                                 seed=cfg.seed, max_new_tokens=max_new, batch_size=cfg.batch_size)[0]
+        sampled = [(t, None) for t in texts]  # the chat end token, not EOS, closes a chat answer
+    rows = [{"text": text, **story_scores(text, None, novelty), "ends_with_eos": eos} for text, eos in sampled]
+    summary = summarize(rows)
+    if novelty is None:
+        summary.pop("sentence_novelty"), summary.pop("ngram_novelty")
+    return summary, [text for text, _ in sampled]
+
+
+def win_rates(cand: list[str], base: list[str], records: list[dict], reward: tuple | None) -> dict[str, Any]:
+    """Candidate vs baseline answers, judged by the noiseless labeler and (optionally) by the reward model."""
+    labeler = Labeler(noise=0.0)
+    out: dict[str, Any] = {"labeler": win_rate([labeler.utility(r, a) for r, a in zip(records, cand)],
+                                               [labeler.utility(r, b) for r, b in zip(records, base)])}
+    if reward is not None:
+        from tinygpt.rewards import render_prompt_response, score
+
+        rm, rm_tok, shift = reward
+        pairs = []
+        for r, a, b in zip(records, cand, base):
+            prompt = [{"role": "user", "content": r["instruction"]}]
+            ids_a, ids_b = render_prompt_response(rm_tok, prompt, a), render_prompt_response(rm_tok, prompt, b)
+            if max(len(ids_a), len(ids_b)) <= rm.cfg.block_size:
+                pairs.append((ids_a, ids_b))
+        if pairs:
+            sa = score(rm, [p[0] for p in pairs], shift=shift).tolist()
+            sb = score(rm, [p[1] for p in pairs], shift=shift).tolist()
+            out["reward_model"] = {**win_rate(sa, sb), "skipped_too_long": len(records) - len(pairs)}
+        else:
+            out["reward_model"] = {"win_rate": None, "n": 0, "skipped_too_long": len(records)}
+    return out
+
+
+# --- writing ------------------------------------------------------------------------------------------
+
+def _finite(value: Any) -> Any:
+    """NaN/inf -> None, recursively, so eval.json is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _cell(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown_report(results: dict[str, dict[str, Any]], contamination: dict | None, cfg: EvaluateConfig) -> str:
+    ks = [f"pass@{k}" for k in cfg.pass_k]
+    head = ["model", "kind", "val ppl", "task acc", "answer rude", "summary BLEU", *ks, "story grammar",
+            "story consistency", "story novelty", "story rude", "win (labeler)", "win (RM)", "judge (mean)"]
+    lines = ["# Evaluation", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        tasks, stories, passk, wins = r.get("tasks", {}), r.get("stories", {}), r.get("pass_at_k", {}), r.get("win_rate", {})
+        judge = r.get("judge", {}).get("means")
+        cells = [name, r["kind"], _cell(r.get("perplexity", {}).get("perplexity"), 2), _cell(tasks.get("accuracy")),
+                 _cell(tasks.get("answer_rudeness")), _cell(tasks.get("summary_bleu"), 1),
+                 *[_cell(passk.get(k)) for k in ks], _cell(stories.get("grammar")), _cell(stories.get("consistency")),
+                 _cell(stories.get("ngram_novelty")), _cell(stories.get("rudeness_rate")),
+                 _cell(wins.get("labeler", {}).get("win_rate")), _cell(wins.get("reward_model", {}).get("win_rate")),
+                 _cell(statistics.fmean(judge.values()) if judge else None, 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    families = sorted({f for r in results.values() for f in r.get("tasks", {}).get("per_family", {})})
+    if families:
+        lines += ["", "## Task accuracy per family (held-out split)", "",
+                  "| model | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
+        for name, r in results.items():
+            per = r.get("tasks", {}).get("per_family", {})
+            lines.append(f"| {name} | " + " | ".join(_cell(per.get(f)) for f in families) + " |")
+    if contamination is not None:
+        lines += ["", "## Contamination (GPT-3 appendix C)", "", contamination_mod.markdown_table(contamination)]
+    lines += ["", f"Base models are asked with {cfg.shots}-shot prompts; chat models through the chat template. "
+              "Win rates count ties as half."]
+    return "\n".join(lines) + "\n"
+
+
+# --- main ---------------------------------------------------------------------------------------------
+
+def main(cfg: EvaluateConfig) -> dict[str, Any]:
+    # --- config and inputs
+    if not cfg.checkpoints:
+        raise ValueError("nothing to evaluate: give --checkpoints NAME=PATH[,NAME=PATH...]")
+    if not cfg.world:
+        raise ValueError("--world is required: the world directory whose held-out tasks are the benchmark")
+    if cfg.pass_n > 0 and (not cfg.pass_k or any(k < 1 or k > cfg.pass_n for k in cfg.pass_k)):
+        raise ValueError(f"every --pass-k must be in 1..pass_n={cfg.pass_n}, got {cfg.pass_k}")
+    if cfg.shots < 0:
+        raise ValueError(f"--shots must be >= 0, got {cfg.shots}")
+    if cfg.judge_url and not cfg.judge_model:
+        raise ValueError("--judge-url needs --judge-model (the model name the endpoint serves)")
+    world, out = Path(cfg.world), Path(cfg.out)
+    checkpoints = parse_checkpoints(cfg.checkpoints)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "answers").mkdir(exist_ok=True)
+    device = runtime.resolve_device(cfg.device)
+    dtype = runtime.resolve_dtype(cfg.dtype, device)
+    test_records, train_records = load_world_tasks(world, cfg.max_items)
+    val = TokenDataset(cfg.data, "val") if cfg.data else None
+    corpus = world / "pretrain.jsonl"
+    novelty = NoveltyIndex(iter_documents([corpus])) if cfg.n_stories > 0 and corpus.is_file() else None
+    judge = None
+    if cfg.judge_url:
+        from tinygpt.eval.judge import StoryJudge
+
+        judge = StoryJudge(cfg.judge_url, cfg.judge_model, key_env=cfg.judge_key_env, cache=out / "judge_cache.jsonl")
+    reward = None
+    if cfg.reward:
+        from tinygpt.rewards import load_reward_model
+
+        reward = load_reward_model(cfg.reward, device)
+
+    def load(ckpt: Path) -> Answerer:
+        model, _ = load_model(ckpt, device=device)
+        model.eval()
+        return Answerer(model, Tokenizer.from_str(load_tokenizer_json(ckpt)), checkpoint_kind(ckpt),
+                        train_records, cfg)
+
+    baseline_answers = None
+    if cfg.baseline:
+        base_ckpt = resolve_checkpoint(cfg.baseline)
+        if base_ckpt not in checkpoints.values():
+            baseline_answers = load(base_ckpt).greedy(test_records)
+
+    # --- each checkpoint
+    results: dict[str, dict[str, Any]] = {}
+    bar = tqdm(checkpoints.items(), desc="evaluate", unit="ckpt", disable=not cfg.progress)
+    for name, ckpt in bar:
+        started = time.time()
+        answerer = load(ckpt)
+        result: dict[str, Any] = {"checkpoint": str(ckpt), "kind": answerer.kind, "stage": load_meta(ckpt).get("stage"),
+                                  "step": load_meta(ckpt).get("step")}
+        if val is not None:
+            bar.set_postfix_str(f"{name}: perplexity")
+            if val.meta.get("tokenizer_sha256") not in (None, answerer.tok.fingerprint):
+                raise ValueError(f"{cfg.data} was tokenized with another tokenizer than {ckpt}: "
+                                 "perplexity would be meaningless (prepare the shards with this tokenizer)")
+            result["perplexity"] = perplexity(answerer.model, val, batch_size=cfg.batch_size,
+                                              max_batches=cfg.eval_batches or None, device=device, dtype=dtype,
+                                              progress=cfg.progress)
+        bar.set_postfix_str(f"{name}: tasks")
+        answers = answerer.greedy(test_records)
+        result["tasks"] = task_scores(test_records, answers)
+        with open(out / "answers" / f"{name}.jsonl", "w") as f:
+            for r, a in zip(test_records, answers):
+                f.write(json.dumps({"family": r["family"], "index": r.get("index"), "instruction": r["instruction"],
+                                    "gold": r["answer"], "answer": a, "score": grade(r, a)}) + "\n")
+        if cfg.pass_n > 0:
+            bar.set_postfix_str(f"{name}: pass@k")
+            result["pass_at_k"] = pass_at_k_scores(answerer, test_records, cfg)
+        if cfg.n_stories > 0:
+            bar.set_postfix_str(f"{name}: stories")
+            result["stories"], texts = story_metrics(answerer, cfg, novelty)
+            if judge is not None:
+                verdicts = judge.grade_stories(texts, progress=cfg.progress)
+                result["judge"] = {k: verdicts[k] for k in ("model", "n", "unparsed", "means", "failures")}
+        if cfg.baseline:
+            if baseline_answers is None and ckpt == resolve_checkpoint(cfg.baseline):
+                baseline_answers = answers
+            if baseline_answers is not None:
+                result["win_rate"] = win_rates(answers, baseline_answers, test_records, reward)
+        result["seconds"] = round(time.time() - started, 1)
+        results[name] = result
+        del answerer
+    # a baseline listed after its candidates: their win rates are filled in now
+    if cfg.baseline and baseline_answers is not None:
+        for name, r in results.items():
+            if "win_rate" not in r:
+                cand = [json.loads(line)["answer"] for line in open(out / "answers" / f"{name}.jsonl")]
+                r["win_rate"] = win_rates(cand, baseline_answers, test_records, reward)
+
+    # --- contamination, once per world
+    report = None
+    if cfg.contamination:
+        report = contamination_mod.world_contamination(world, progress=cfg.progress)
+
+    # --- write
+    summary = {"config": asdict(cfg), "checkpoints": results, "contamination": report,
+               "test_items": len(test_records)}
+    (out / "eval.json").write_text(json.dumps(_finite(summary), indent=2) + "\n")
+    (out / "eval.md").write_text(markdown_report(results, report, cfg))
+    return summary
