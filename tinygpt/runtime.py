@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import sys
 import random
+import signal
+import sys
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -141,3 +143,33 @@ def barrier() -> None:
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or gradient norm went NaN/inf; no checkpoint was written for that step."""
+
+
+class GracefulStop:
+    """Context manager for training loops: the first Ctrl-C / SIGTERM sets ``.stop`` so the loop
+    finishes its current step, saves and returns; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "GracefulStop":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook worker): keep the defaults
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

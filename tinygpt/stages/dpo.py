@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from tinygpt.metrics import MetricsWriter, plot_curves, read_metrics
 from tinygpt.model import GPT
 from tinygpt.optim import lr_at, make_optimizer, set_lr
 from tinygpt.tokenizer import Tokenizer
+from tinygpt.runtime import TrainingDiverged  # noqa: F401 (re-exported for callers)
 
 
 @dataclass
@@ -83,10 +83,6 @@ class DPOConfig:
     progress: bool = opt(True, "show a progress bar")
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm went NaN/inf; no checkpoint was written for that step."""
-
-
 def response_logprobs(model: torch.nn.Module, batch: PreferenceBatch) -> torch.Tensor:
     """Sum of log p(token) over each completion's response tokens: (N,) float32."""
     x, y, m = batch.inputs_targets()  # (N, T-1) each
@@ -120,31 +116,6 @@ def evaluate(policy: GPT, reference: GPT, data: PreferenceDataset, beta: float, 
             n_pairs += batch.num_pairs
     policy.train(was_training)
     return {"val_loss": loss_sum / n_prompts, **{f"val_{k}": v / n_pairs for k, v in sums.items()}}
-
-
-class _StopFlag:
-    """First Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C interrupts at once."""
-
-    def __init__(self) -> None:
-        self.stop = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. a notebook worker): keep defaults
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.stop and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.stop = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def main(cfg: DPOConfig) -> dict[str, Any]:
@@ -229,7 +200,8 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
     step = start_step
     t_last, pairs_since = time.perf_counter(), 0
     policy.train()
-    with _StopFlag() as stop:
+    interrupted = False
+    with runtime.GracefulStop() as stop:
         while step < end_step:
             lr = lr_at(step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=max_steps)
             set_lr(optimizer, lr)
@@ -291,6 +263,7 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
             if runtime.all_reduce_mean(stop_now).item() > 0:
                 if dist_info.is_main:
                     bar.write(f"interrupted: saving step {step} (resume with --resume)")
+                interrupted = True
                 break
     bar.close()
 
@@ -308,5 +281,5 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
                  if "val_accuracy" in last else ""))
     runtime.barrier()
     runtime.cleanup_distributed()
-    return {"step": step, "max_steps": max_steps, "checkpoint": str(ckpt) if ckpt else None,
+    return {"interrupted": interrupted, "step": step, "max_steps": max_steps, "checkpoint": str(ckpt) if ckpt else None,
             "data": train.stats.as_dict(), **last}

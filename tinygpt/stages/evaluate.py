@@ -55,7 +55,7 @@ STORY_REQUEST = "Write a short story."
 
 @dataclass
 class EvaluateConfig:
-    checkpoints: list[str] = opt([], "checkpoints to evaluate, comma-separated, each NAME=PATH or PATH "
+    checkpoints: list[str] = opt([], "checkpoints to evaluate, each NAME=PATH or PATH "
                                      "(a run directory means its latest checkpoint)")
     world: str = opt("", "world directory written by `tinygpt world` (tasks/*_test.jsonl, pretrain.jsonl, ...)")
     data: str = opt("", "token shard directory (`tinygpt prepare`) for validation perplexity; '' skips it")

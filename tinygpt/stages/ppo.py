@@ -47,7 +47,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +72,7 @@ from tinygpt.optim import lr_at, make_optimizer, set_lr
 from tinygpt.tokenizer import Tokenizer, validate_messages
 from tinygpt.world.labeler import Labeler
 from tinygpt.world.tasks import FAMILIES
+from tinygpt.runtime import TrainingDiverged  # noqa: F401 (re-exported for callers)
 
 VALUE_INITS = ("reward", "sft")
 
@@ -135,10 +135,6 @@ class PPOConfig:
     resume: bool = opt(False, "continue from OUT's latest checkpoint exactly; an error if there is none")
     stop_after: int = opt(0, "stop (with a checkpoint) after this many rollouts of this invocation; 0 = run to max_steps")
     progress: bool = opt(True, "show a progress bar")
-
-
-class TrainingDiverged(RuntimeError):
-    """A loss went NaN/inf; no checkpoint was written for that step."""
 
 
 # --- the adaptive KL coefficient ------------------------------------------------------------
@@ -321,31 +317,6 @@ def _step_of(line: str) -> int:
         return 1 << 62  # a torn line from a crash: dropped
 
 
-class _StopFlag:
-    """First Ctrl-C / SIGTERM: finish the current rollout, save, exit. A second Ctrl-C interrupts at once."""
-
-    def __init__(self) -> None:
-        self.stop = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.stop and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.stop = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def _check_config(cfg: PPOConfig) -> None:
     for name in ("policy", "reward", "prompts"):
         if not getattr(cfg, name):
@@ -506,7 +477,8 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
     step = start_step
     samples_file = open(samples_path, "a", encoding="utf-8")
     try:
-        with _StopFlag() as stop:
+        interrupted = False
+        with runtime.GracefulStop() as stop:
             while step < end_step:
                 t0 = time.perf_counter()
                 lr = lr_at(step, max_lr=cfg.lr, min_lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps)
@@ -635,6 +607,7 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                     save(step, {"reward": last.get("reward"), "kl": last.get("kl")})
                 if stop.stop:
                     bar.write(f"interrupted: saving step {step} (resume with --resume)")
+                    interrupted = True
                     break
     finally:
         samples_file.close()
@@ -648,4 +621,4 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                 title="PPO reward (RM score) and the oracle's utility")
     plot_curves(recs, ["kl"], out / "kl.png", title="KL(policy || SFT) per answer, nats")
     print(f"ppo: step {step}/{cfg.max_steps}, checkpoint {ckpt}")
-    return {"step": step, "checkpoint": str(ckpt), **{k: v for k, v in last.items() if k != "step"}}
+    return {"interrupted": interrupted, "step": step, "checkpoint": str(ckpt), **{k: v for k, v in last.items() if k != "step"}}

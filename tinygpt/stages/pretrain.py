@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from tinygpt.metrics import MetricsWriter, plot_curves, read_metrics
 from tinygpt.model import GPT, model_config
 from tinygpt.optim import lr_at, make_optimizer, set_lr
 from tinygpt.tokenizer import Tokenizer
+from tinygpt.runtime import TrainingDiverged  # noqa: F401 (re-exported for callers)
 
 
 @dataclass
@@ -76,10 +76,6 @@ class PretrainConfig:
     progress: bool = opt(True, "show a progress bar")
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm went NaN/inf; no checkpoint was written for that step."""
-
-
 def _evaluate(model: torch.nn.Module, val: TokenDataset, cfg: PretrainConfig, device: torch.device,
               dtype: torch.dtype) -> float:
     model.eval()
@@ -91,31 +87,6 @@ def _evaluate(model: torch.nn.Module, val: TokenDataset, cfg: PretrainConfig, de
             n += 1
     model.train()
     return total / max(n, 1)
-
-
-class _StopFlag:
-    """First Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C interrupts at once."""
-
-    def __init__(self) -> None:
-        self.stop = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. a notebook worker): keep defaults
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.stop and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.stop = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def main(cfg: PretrainConfig) -> dict[str, Any]:
@@ -194,7 +165,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     interrupted = False
     t_last, steps_since = time.perf_counter(), 0
     model.train()
-    with _StopFlag() as stop:
+    with runtime.GracefulStop() as stop:
         while step < end_step:
             lr = lr_at(step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                        total_steps=cfg.max_steps)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ from tinygpt.metrics import MetricsWriter, plot_curves, read_metrics
 from tinygpt.optim import lr_at, make_optimizer, set_lr
 from tinygpt.rewards import REWARD_SHIFT_KEY, LastTokenReward, score
 from tinygpt.tokenizer import Tokenizer, validate_messages
+from tinygpt.runtime import TrainingDiverged  # noqa: F401 (re-exported for callers)
 
 
 @dataclass
@@ -89,10 +89,6 @@ class RewardConfig:
     resume: bool = opt(False, "continue from OUT's latest checkpoint exactly; an error if there is none")
     stop_after: int = opt(0, "stop (with a checkpoint) after this many steps of this invocation; 0 = run to the end")
     progress: bool = opt(True, "show a progress bar")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm went NaN/inf; no checkpoint was written for that step."""
 
 
 def _pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -153,31 +149,6 @@ def read_demonstrations(path: str, tokenizer: Tokenizer, block_size: int, limit:
     if not sequences:
         raise DataError(f"{path}: no demonstration fits in {block_size} tokens ({too_long} too long)")
     return sequences, too_long
-
-
-class _StopFlag:
-    """First Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C interrupts at once."""
-
-    def __init__(self) -> None:
-        self.stop = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. a notebook worker): keep defaults
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.stop and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.stop = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def main(cfg: RewardConfig) -> dict[str, Any]:
@@ -272,7 +243,8 @@ def main(cfg: RewardConfig) -> dict[str, Any]:
     step = start_step
     t_last, steps_since, pairs_since = time.perf_counter(), 0, 0
     gpt.train()
-    with _StopFlag() as stop:
+    interrupted = False
+    with runtime.GracefulStop() as stop:
         while step < end_step:
             lr = lr_at(step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=max_steps)
             set_lr(optimizer, lr)
@@ -329,6 +301,7 @@ def main(cfg: RewardConfig) -> dict[str, Any]:
             if runtime.all_reduce_mean(stop_now).item() > 0:
                 if dist_info.is_main:
                     bar.write(f"interrupted: saving step {step} (resume with --resume)")
+                interrupted = True
                 break
     bar.close()
 
@@ -347,5 +320,5 @@ def main(cfg: RewardConfig) -> dict[str, Any]:
               + (f", noise ceiling {noise_ceiling:.3f}" if noise_ceiling is not None else ""))
     runtime.barrier()
     runtime.cleanup_distributed()
-    return {"step": step, "max_steps": max_steps, "checkpoint": str(ckpt) if ckpt else None, "reward_shift": shift,
+    return {"interrupted": interrupted, "step": step, "max_steps": max_steps, "checkpoint": str(ckpt) if ckpt else None, "reward_shift": shift,
             "noise_ceiling": noise_ceiling, "data": train.stats.as_dict(), **last}

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from tinygpt.losses import lm_loss
 from tinygpt.metrics import MetricsWriter, plot_curves, read_metrics
 from tinygpt.optim import lr_at, make_optimizer, set_lr
 from tinygpt.tokenizer import Tokenizer
+from tinygpt.runtime import TrainingDiverged  # noqa: F401 (re-exported for callers)
 
 
 @dataclass
@@ -90,10 +90,6 @@ class SFTConfig:
     progress: bool = opt(True, "show a progress bar")
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm went NaN/inf; no checkpoint was written for that step."""
-
-
 def _validation_loss(model: torch.nn.Module, val: ChatDataset, cfg: SFTConfig, device: torch.device,
                      dtype: torch.dtype) -> float:
     """Mean lm_loss over every assistant token of the validation set (token-weighted, not batch-weighted)."""
@@ -107,31 +103,6 @@ def _validation_loss(model: torch.nn.Module, val: ChatDataset, cfg: SFTConfig, d
             n += count
     model.train()
     return total / max(n, 1)
-
-
-class _StopFlag:
-    """First Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C interrupts at once."""
-
-    def __init__(self) -> None:
-        self.stop = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: keep defaults
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.stop and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.stop = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def main(cfg: SFTConfig) -> dict[str, Any]:
@@ -245,7 +216,8 @@ def main(cfg: SFTConfig) -> dict[str, Any]:
     step = start_step
     t_last, steps_since, tokens_since = time.perf_counter(), 0, 0
     gpt.train()
-    with _StopFlag() as stop:
+    interrupted = False
+    with runtime.GracefulStop() as stop:
         while step < end_step:
             lr = lr_at(step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=max_steps)
             set_lr(optimizer, lr)
@@ -308,6 +280,7 @@ def main(cfg: SFTConfig) -> dict[str, Any]:
             if runtime.all_reduce_mean(stop_now).item() > 0:
                 if dist_info.is_main:
                     bar.write(f"interrupted: saving step {step} (resume with --resume)")
+                interrupted = True
                 break
     bar.close()
 
@@ -329,5 +302,5 @@ def main(cfg: SFTConfig) -> dict[str, Any]:
         print(f"sft: step {step}/{max_steps}, checkpoint {ckpt}" + (f", merged {merged_path}" if merged_path else ""))
     runtime.barrier()
     runtime.cleanup_distributed()
-    return {"step": step, "max_steps": max_steps, "checkpoint": str(ckpt) if ckpt else None,
+    return {"interrupted": interrupted, "step": step, "max_steps": max_steps, "checkpoint": str(ckpt) if ckpt else None,
             "merged": str(merged_path) if merged_path else None, "data": train.stats.as_dict(), **last}
