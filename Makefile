@@ -18,13 +18,13 @@ $(VENV)/.installed-test: pyproject.toml constraints.txt | $(BIN)/python
 
 $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP_INSTALL) torch==2.13.0
-	$(PIP_INSTALL) -e .
+	$(PIP_INSTALL) -e '.[lora]'
 	touch $@
 
 venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(BIN)/tinygpt demo --out runs/demo
+	$(BIN)/tinygpt pipeline --config configs/demo.toml --out runs/demo
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q

@@ -1,21 +1,42 @@
-"""The demo pipeline on a tiny config: every stage runs, a rerun skips what is complete."""
+"""The whole pipeline on the tiny recipe: every stage runs in order, a rerun skips what is complete."""
 
 import json
+from pathlib import Path
 
-from tinygpt.pipeline import DemoConfig, main
+import pytest
+
+from tinygpt.config import load_toml
+from tinygpt.pipeline import RECIPES, STAGE_NAMES, PipelineConfig, load_recipe, main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_end_to_end_and_rerun_skips(tmp_path, capsys):
-    cfg = DemoConfig(out=str(tmp_path / "demo"), n_stories=300, vocab_size=400, model_size="0.5m", block_size=64,
-                     batch_size=4, max_steps=6, eval_every=3, n_samples=4, device="cpu", dtype="float32")
+def test_configs_dir_points_at_the_packaged_recipes():
+    for name in ("demo.toml", "tiny.toml"):
+        assert load_toml(ROOT / "configs" / name) == load_toml(RECIPES / name)
+
+
+def test_recipe_tables_are_checked(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[pretrian]\nmax_steps = 3\n")
+    with pytest.raises(ValueError, match="pretrian"):
+        load_recipe(str(bad))
+    assert set(load_recipe("")) <= set(STAGE_NAMES) | {"pipeline"}
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_end_to_end_and_rerun_skips(tmp_path, capsys):
+    cfg = PipelineConfig(config=str(RECIPES / "tiny.toml"), out=str(tmp_path / "run"), device="cpu",
+                         dtype="float32", progress=False)
     summary = main(cfg)
-    out = tmp_path / "demo"
-    for f in ("world/world.json", "tokenizer/tokenizer.json", "data/meta.json", "pretrain/metrics.jsonl",
-              "pretrain/loss.png", "samples.md", "summary.json"):
-        assert (out / f).exists(), f
-    assert summary["n"] == 4 and 0.0 <= summary["grammar"] <= 1.0
-    assert json.loads((out / "summary.json").read_text())["step"] == 6
+    out = tmp_path / "run"
+    for stage in ("world", "tokenizer", "data", "pretrain", "sft", "rank", "reward", "ppo", "ppo_ptx", "dpo", "eval"):
+        assert (out / stage / "stage_done.json").exists(), stage
+    assert (out / "report.md").exists() and (out / "report.html").exists()
+    evaluated = json.loads((out / "eval" / "eval.json").read_text())
+    assert {"base", "sft", "ppo", "ppo_ptx", "dpo"} <= set(json.dumps(evaluated).split('"')), "every stage evaluated"
+    assert summary["peak_rss_gib"] > 0
     capsys.readouterr()
     main(cfg)  # everything is complete: each stage is skipped
     printed = capsys.readouterr().out
-    assert printed.count("skip:") == 4
+    assert printed.count("skip:") >= 11

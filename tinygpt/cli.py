@@ -14,12 +14,13 @@ Under torchrun use the module form: ``torchrun --nproc_per_node=2 -m tinygpt.cli
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 from typing import Any
 
 from tinygpt import __version__
-from tinygpt.config import add_dataclass_args, load_toml, resolve
+from tinygpt.config import add_dataclass_args, resolve
 
 # command words -> (module, config class, positional fields, one-line description)
 COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
@@ -47,8 +48,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
                     "score checkpoints: perplexity, held-out tasks, stories, pass@k, win rates, contamination"),
     ("chat",): ("tinygpt.chat", "ChatConfig", ("checkpoint",),
                 "talk to a chat model in the terminal (streamed, multi-turn, /help for commands)"),
-    ("demo",): ("tinygpt.pipeline", "DemoConfig", (),
-                "the main job: world -> tokenizer -> pretrain -> samples scored by the oracle"),
+    ("pipeline",): ("tinygpt.pipeline", "PipelineConfig", (),
+                    "the main job: every stage in order on the built-in world, then the report (resumable)"),
 }
 
 
@@ -73,8 +74,9 @@ def build_parser(words: tuple[str, ...]) -> tuple[argparse.ArgumentParser, type]
     cls = getattr(module, class_name)
     parser = argparse.ArgumentParser(prog="tinygpt " + " ".join(words), description=desc,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", metavar="FILE", default=None,
-                        help="TOML preset: fields from its [%s] table (or top level); flags override it" % words[0])
+    if "config" not in {f.name for f in dataclasses.fields(cls)}:  # a stage with its own notion of --config
+        parser.add_argument("--config", metavar="FILE", default=None,
+                            help="TOML preset: fields from its [%s] table (or top level); flags override it" % words[0])
     add_dataclass_args(parser, cls, positional)
     return parser, cls
 
@@ -96,11 +98,8 @@ def run(argv: list[str]) -> Any:
     words, rest = found
     parser, cls = build_parser(words)
     args = parser.parse_args(rest)
-    section = words[0]
-    if args.config and section not in load_toml(args.config):
-        section = None  # a flat preset file
     try:
-        cfg = resolve(cls, args, section=section)
+        cfg = resolve(cls, args, section=words[0])
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     module = importlib.import_module(COMMANDS[words][0])

@@ -133,12 +133,21 @@ def _show(default: Any) -> str:
 
 
 def resolve(cls: type[T], args: argparse.Namespace, section: str | None = None) -> T:
-    """Defaults < TOML preset (``args.config``) < command-line flags."""
+    """Defaults < TOML preset (``args.config``) < command-line flags.
+
+    The preset's ``[section]`` table is used if it has one; otherwise its top level, unless
+    ``cls`` has a ``config`` field of its own (a multi-stage recipe, whose other tables belong
+    to other stages).
+    """
     values: dict[str, Any] = {}
     cfg_path = getattr(args, "config", None)
     names = {f.name for f in dataclasses.fields(cls)}
     if cfg_path:
-        values.update(load_toml(cfg_path, section))
+        data = load_toml(cfg_path)
+        if section is not None and section in data:
+            values.update(data[section])
+        elif "config" not in names:
+            values.update(data)
     values.update({k: v for k, v in vars(args).items() if k in names})
     return from_dict(cls, values, source=str(cfg_path or "command line"))
 

@@ -1,115 +1,246 @@
-"""The main job, stage after stage, each in its own sub-directory of one run directory.
+"""`tinygpt pipeline`: the whole recipe, stage after stage, in one run directory.
 
-    tinygpt demo --out runs/demo            # what `make demo` runs
+    tinygpt pipeline --config configs/demo.toml --out runs/demo      # what `make demo` runs
 
-    runs/demo/world/       the synthetic world (`tinygpt world make`)
-    runs/demo/tokenizer/   BPE trained on the world's stories (`tinygpt tokenizer train`)
-    runs/demo/data/        packed token shards (`tinygpt prepare`)
-    runs/demo/pretrain/    checkpoints, metrics.jsonl, loss.png (`tinygpt pretrain`)
-    runs/demo/samples.md   stories sampled from the model, each graded by the world's oracle
+    world -> tokenizer -> prepare -> pretrain -> sft (+ sft_lora) -> rank -> reward
+          -> ppo -> ppo_ptx -> dpo -> evaluate -> report
 
-A stage whose output is complete is skipped on a rerun and an interrupted pretraining resumes,
-so a killed demo picks up where it stopped. This module calls the stages; the stages never
-call each other. (The full recipe -- SFT, reward model, PPO, DPO, the report -- joins here as
-those stages land.)
+Each stage writes its own sub-directory (``runs/demo/sft``, ...). The recipe is a TOML file with
+a ``[pipeline]`` table (this module's fields) and one table per stage holding that stage's
+options (``[pretrain] max_steps = 600``); the paths that connect the stages (``--init``,
+``--data``, ...) are filled in here and always win. Without ``--config`` the built-in recipe
+``tinygpt/recipes/demo.toml`` (also ``configs/demo.toml``) is used.
+
+A stage that finished writes ``stage_done.json``; a rerun skips it. A training stage that was
+interrupted resumes from its last checkpoint. So a killed pipeline is restarted with the same
+command. This module is the only one that calls several stages; stages never call each other.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from tinygpt.checkpoint import latest_checkpoint, load_meta
-from tinygpt.config import opt, save_config
+from tinygpt.checkpoint import latest_checkpoint
+from tinygpt.config import from_dict, load_toml, opt, save_config
+
+RECIPES = Path(__file__).resolve().parent / "recipes"
+DONE = "stage_done.json"
 
 
 @dataclass
-class DemoConfig:
+class PipelineConfig:
+    config: str = opt("", "TOML recipe: [pipeline] plus one table per stage ('' = the built-in demo recipe)")
     out: str = opt("runs/demo", "run directory; one sub-directory per stage")
-    seed: int = opt(0, "seed for the world, the split and training")
-    n_stories: int = opt(40000, "stories in the pretraining corpus")
-    vocab_size: int = opt(2048, "BPE vocabulary size")
-    model_size: str = opt("1m", "named model size (tinygpt.model.SIZES)")
-    arch: str = opt("gpt2", "gpt2 or llama")
-    block_size: int = opt(256, "context length")
-    batch_size: int = opt(16, "sequences per step")
-    max_steps: int = opt(1500, "pretraining steps")
-    lr: float = opt(3e-3, "peak learning rate")
-    eval_every: int = opt(250, "steps between validation evaluations")
-    n_samples: int = opt(100, "stories sampled and graded at the end")
-    temperature: float = opt(0.7, "sampling temperature for the graded stories")
-    device: str = opt("auto", "auto, cpu, cuda or mps")
-    dtype: str = opt("auto", "auto, float32 or bfloat16")
+    seed: int = opt(0, "seed for the world, the split, and every stage")
+    device: str = opt("auto", "auto, cpu, cuda or mps (every stage)")
+    dtype: str = opt("auto", "autocast dtype for every training stage: auto, float32 or bfloat16")
+    stages: list[str] = opt([], "run only these stages (their inputs must exist); empty = all")
+    skip: list[str] = opt([], "stages to leave out (e.g. sft_lora dpo)")
+    progress: bool = opt(True, "progress bars inside the stages")
+    report_prompts: list[str] = opt(["What is 3 plus 4?", "Reverse these words: cat dog sun",
+                                     "Write a short story about a cat named Tom."],
+                                    "instructions every stage answers side by side in the report")
 
 
-def _banner(i: int, n: int, name: str, t0: float) -> None:
-    print(f"\n=== [{i}/{n}] {name}  (elapsed {time.perf_counter() - t0:.0f}s) ===", flush=True)
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str              # tinygpt.stages.X with a config class and main(cfg)
+    config_class: str
+    wiring: Callable[[Path, "PipelineConfig"], dict[str, Any]]   # the paths connecting it to earlier stages
+    trains: bool = True      # has checkpoints and --resume
+    expected_s: float = 10   # seconds in the reference run (records/): weights the overall ETA
+    subdir: str = ""         # its directory under the run ("" = its name)
+
+    @property
+    def dir(self) -> str:
+        return self.subdir or self.name
 
 
-def main(cfg: DemoConfig) -> dict[str, Any]:
-    from tinygpt.stages import prepare, pretrain, tokenizer, world
+def _w(out: Path, *parts: str) -> str:
+    return str(out.joinpath(*parts))
 
+
+def _common(out: Path, cfg: PipelineConfig, stage: str) -> dict[str, Any]:
+    return {"out": _w(out, stage), "seed": cfg.seed, "device": cfg.device, "dtype": cfg.dtype,
+            "progress": cfg.progress}
+
+
+STAGES: list[Stage] = [
+    Stage("world", "tinygpt.stages.world", "WorldConfig", trains=False, expected_s=15,
+          wiring=lambda o, c: {"out": _w(o, "world"), "seed": c.seed, "progress": c.progress}),
+    Stage("tokenizer", "tinygpt.stages.tokenizer", "TokenizerConfig", trains=False, expected_s=10,
+          wiring=lambda o, c: {"inputs": [_w(o, "world", "pretrain.jsonl")], "out": _w(o, "tokenizer"),
+                               "show_progress": c.progress}),
+    Stage("prepare", "tinygpt.stages.prepare", "PrepareConfig", trains=False, expected_s=10, subdir="data",
+          wiring=lambda o, c: {"inputs": [_w(o, "world", "pretrain.jsonl")], "tokenizer": _w(o, "tokenizer"),
+                               "out": _w(o, "data"), "seed": c.seed, "show_progress": c.progress}),
+    Stage("pretrain", "tinygpt.stages.pretrain", "PretrainConfig", expected_s=300,
+          wiring=lambda o, c: {**_common(o, c, "pretrain"), "data": _w(o, "data")}),
+    Stage("sft", "tinygpt.stages.sft", "SFTConfig", expected_s=90,
+          wiring=lambda o, c: {**_common(o, c, "sft"), "init": _w(o, "pretrain"),
+                               "data": _w(o, "world", "sft_train.jsonl"), "eval_data": _w(o, "world", "sft_test.jsonl"),
+                               "task_eval": _w(o, "world", "sft_test.jsonl")}),
+    Stage("sft_lora", "tinygpt.stages.sft", "SFTConfig", expected_s=90,
+          wiring=lambda o, c: {**_common(o, c, "sft_lora"), "init": _w(o, "pretrain"),
+                               "data": _w(o, "world", "sft_train.jsonl"), "eval_data": _w(o, "world", "sft_test.jsonl"),
+                               "task_eval": _w(o, "world", "sft_test.jsonl")}),
+    Stage("rank", "tinygpt.stages.rank", "RankConfig", trains=False, expected_s=60,
+          wiring=lambda o, c: {"out": _w(o, "rank"), "seed": c.seed, "device": c.device, "progress": c.progress,
+                               "policy": _w(o, "sft"), "prompts": _w(o, "world", "rl_prompts.jsonl")}),
+    Stage("reward", "tinygpt.stages.reward", "RewardConfig", expected_s=60,
+          wiring=lambda o, c: {**_common(o, c, "reward"), "init": _w(o, "sft"),
+                               "rankings": _w(o, "rank", "rankings.jsonl"),
+                               "val_rankings": _w(o, "rank", "rankings_val.jsonl"),
+                               "demonstrations": _w(o, "world", "sft_train.jsonl")}),
+    Stage("ppo", "tinygpt.stages.ppo", "PPOConfig", expected_s=120,
+          wiring=lambda o, c: {**_common(o, c, "ppo"), "policy": _w(o, "sft"), "reward": _w(o, "reward"),
+                               "prompts": _w(o, "world", "rl_prompts.jsonl"), "ptx_coef": 0.0}),
+    Stage("ppo_ptx", "tinygpt.stages.ppo", "PPOConfig", expected_s=130,
+          wiring=lambda o, c: {**_common(o, c, "ppo_ptx"), "policy": _w(o, "sft"), "reward": _w(o, "reward"),
+                               "prompts": _w(o, "world", "rl_prompts.jsonl"), "ptx_data": _w(o, "data")}),
+    Stage("dpo", "tinygpt.stages.dpo", "DPOConfig", expected_s=60,
+          wiring=lambda o, c: {**_common(o, c, "dpo"), "init": _w(o, "sft"),
+                               "pairs": _w(o, "rank", "pairs.jsonl"), "val_pairs": _w(o, "rank", "pairs_val.jsonl")}),
+    Stage("evaluate", "tinygpt.stages.evaluate", "EvaluateConfig", trains=False, expected_s=120, subdir="eval",
+          wiring=lambda o, c: {"out": _w(o, "eval"), "seed": c.seed, "device": c.device, "dtype": c.dtype,
+                               "progress": c.progress, "world": _w(o, "world"), "data": _w(o, "data"),
+                               "checkpoints": [f"{name}={_w(o, d)}" for name, d in _EVALUATED
+                                               if latest_checkpoint(o / d) is not None],
+                               "baseline": _w(o, "sft") if latest_checkpoint(o / "sft") else "",
+                               "reward": _w(o, "reward") if latest_checkpoint(o / "reward") else ""}),
+]
+_EVALUATED = [("base", "pretrain"), ("sft", "sft"), ("sft_lora", "sft_lora"), ("ppo", "ppo"),
+              ("ppo_ptx", "ppo_ptx"), ("dpo", "dpo")]
+STAGE_NAMES = [s.name for s in STAGES] + ["report"]
+
+
+def load_recipe(path: str) -> dict[str, dict[str, Any]]:
+    """The recipe's tables; unknown table names are an error (a typo would silently do nothing)."""
+    recipe = load_toml(path or RECIPES / "demo.toml")
+    unknown = sorted(set(recipe) - set(STAGE_NAMES) - {"pipeline"})
+    if unknown:
+        raise ValueError(f"{path or 'built-in recipe'}: unknown table(s) {unknown}; stages are {STAGE_NAMES}")
+    return recipe
+
+
+def stage_config(stage: Stage, out: Path, cfg: PipelineConfig, recipe: dict[str, dict[str, Any]]) -> Any:
+    cls = getattr(importlib.import_module(stage.module), stage.config_class)
+    values = {**recipe.get(stage.name, {}), **stage.wiring(out, cfg)}
+    return from_dict(cls, values, source=f"{cfg.config or 'built-in recipe'} [{stage.name}]")
+
+
+def _with_pipeline_table(cfg: PipelineConfig, table: dict[str, Any]) -> PipelineConfig:
+    """Apply the recipe's [pipeline] table to fields still at their defaults (flags and
+    explicit arguments win over the recipe)."""
+    defaults = PipelineConfig()
+    values = {k: v for k, v in table.items() if getattr(cfg, k, None) == getattr(defaults, k, None)}
+    if not values:
+        return cfg
+    merged = {**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, **values}
+    return from_dict(PipelineConfig, merged, source=f"{cfg.config} [pipeline]")
+
+
+def _peak_rss_gib() -> float:
+    """Peak resident memory of this process and its finished children (Linux reports KiB)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) / 2**20
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s"
+
+
+def main(cfg: PipelineConfig) -> dict[str, Any]:
+    recipe = load_recipe(cfg.config)
+    cfg = _with_pipeline_table(cfg, recipe.get("pipeline", {}))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "demo_config.json")
+    save_config(cfg, out / "pipeline_config.json")
+    wanted = [s for s in STAGES if (not cfg.stages or s.name in cfg.stages) and s.name not in cfg.skip]
+    unknown = sorted((set(cfg.stages) | set(cfg.skip)) - set(STAGE_NAMES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages are {STAGE_NAMES}")
+    if any(s.name == "sft_lora" for s in wanted) and importlib.util.find_spec("peft") is None:
+        print("note: peft is not installed, so the LoRA SFT stage is skipped (pip install 'tinygpt[lora]')")
+        wanted = [s for s in wanted if s.name != "sft_lora"]
+    do_report = (not cfg.stages or "report" in cfg.stages) and "report" not in cfg.skip
+
     t0 = time.perf_counter()
-    n = 5
+    total_expected = sum(s.expected_s for s in wanted) or 1.0
+    done_expected = 0.0
+    timings: dict[str, float] = {}
+    n = len(wanted) + int(do_report)
+    for i, stage in enumerate(wanted, 1):
+        elapsed = time.perf_counter() - t0
+        eta = ""
+        if done_expected > 0:  # scale the reference run's stage times by this machine's speed so far
+            eta = f", ETA {_fmt((total_expected - done_expected) * elapsed / done_expected)}"
+        print(f"\n=== [{i}/{n}] {stage.name}  (elapsed {_fmt(elapsed)}{eta}) ===", flush=True)
+        stage_dir = out / stage.dir
+        marker = stage_dir / DONE
+        if marker.exists():
+            print(f"skip: {stage_dir} is complete ({marker.name})")
+            done_expected += stage.expected_s
+            continue
+        stage_cfg = stage_config(stage, out, cfg, recipe)
+        if stage.trains and latest_checkpoint(stage_dir) is not None:
+            stage_cfg.resume = True
+            print(f"resuming {stage.name} from {latest_checkpoint(stage_dir)}")
+        started = time.perf_counter()
+        result = importlib.import_module(stage.module).main(stage_cfg) or {}
+        if isinstance(result, dict) and result.get("interrupted"):
+            print(f"\npipeline interrupted during {stage.name}: rerun the same command to resume")
+            return {"interrupted": True, "stage": stage.name}
+        timings[stage.name] = round(time.perf_counter() - started, 1)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"seconds": timings[stage.name], "result": _jsonable(result)}, indent=2) + "\n")
+        done_expected += stage.expected_s
 
-    # --- world ------------------------------------------------------------------------------
-    _banner(1, n, "world", t0)
-    world_dir = out / "world"
-    if (world_dir / "world.json").exists():
-        print(f"skip: {world_dir} is complete")
-    else:
-        world.main(world.WorldConfig(out=str(world_dir), seed=cfg.seed, n_stories=cfg.n_stories))
-    corpus = str(world_dir / "pretrain.jsonl")
+    report = None
+    if do_report:
+        print(f"\n=== [{n}/{n}] report  (elapsed {_fmt(time.perf_counter() - t0)}) ===", flush=True)
+        report = _report(out, cfg)
+    total = time.perf_counter() - t0
+    summary = {"seconds": round(total, 1), "stage_seconds": timings, "peak_rss_gib": round(_peak_rss_gib(), 2),
+               "report": report}
+    (out / "pipeline_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\npipeline finished in {_fmt(total)}, peak memory {summary['peak_rss_gib']:.2f} GiB"
+          + (f": see {report['md']} and {report['html']}" if report else ""))
+    return summary
 
-    # --- tokenizer --------------------------------------------------------------------------
-    _banner(2, n, "tokenizer", t0)
-    tok_dir = out / "tokenizer"
-    if (tok_dir / "tokenizer.json").exists():
-        print(f"skip: {tok_dir} is complete")
-    else:
-        tokenizer.main(tokenizer.TokenizerConfig(inputs=[corpus], out=str(tok_dir), vocab_size=cfg.vocab_size))
 
-    # --- token shards -----------------------------------------------------------------------
-    _banner(3, n, "prepare", t0)
-    data_dir = out / "data"
-    if (data_dir / "meta.json").exists():
-        print(f"skip: {data_dir} is complete")
-    else:
-        prepare.main(prepare.PrepareConfig(inputs=[corpus], tokenizer=str(tok_dir), out=str(data_dir),
-                                           seed=cfg.seed))
+def _report(out: Path, cfg: PipelineConfig) -> dict[str, str] | None:
+    eval_json = out / "eval" / "eval.json"
+    if not eval_json.exists():
+        print("no evaluation results (evaluate did not run): no report")
+        return None
+    from tinygpt.eval.report import build_report
 
-    # --- pretrain ---------------------------------------------------------------------------
-    _banner(4, n, "pretrain", t0)
-    pt_dir = out / "pretrain"
-    ckpt = latest_checkpoint(pt_dir)
-    done_step = load_meta(ckpt).get("step", 0) if ckpt else 0
-    if done_step >= cfg.max_steps:
-        print(f"skip: {ckpt} is complete (step {done_step})")
-    else:
-        result = pretrain.main(pretrain.PretrainConfig(
-            data=str(data_dir), out=str(pt_dir), model_size=cfg.model_size, arch=cfg.arch,
-            block_size=cfg.block_size, batch_size=cfg.batch_size, max_steps=cfg.max_steps, lr=cfg.lr,
-            min_lr=cfg.lr / 10, eval_every=cfg.eval_every, save_every=cfg.eval_every, seed=cfg.seed,
-            device=cfg.device, dtype=cfg.dtype, resume=ckpt is not None))
-        if result["interrupted"]:
-            print(f"demo interrupted at pretraining step {result['step']}: rerun the same command to resume")
-            return {"interrupted": True, "step": result["step"]}
+    stages = {name: str(out / name) for name in ("pretrain", "sft", "sft_lora", "reward", "ppo", "ppo_ptx", "dpo")
+              if (out / name).exists()}
+    checkpoints = {name: str(out / d) for name, d in _EVALUATED if latest_checkpoint(out / d) is not None}
+    paths = build_report(out, stages=stages, eval_result=json.loads(eval_json.read_text()),
+                         checkpoints=checkpoints, prompts=cfg.report_prompts, out_dir=out)
+    return {k: str(v) for k, v in paths.items()}
 
-    # --- samples, graded by the oracle ------------------------------------------------------
-    _banner(5, n, "samples", t0)
-    from tinygpt.eval.stories import grade_samples, write_samples
 
-    result = grade_samples(pt_dir, n_samples=cfg.n_samples, temperature=cfg.temperature, seed=cfg.seed,
-                           device=cfg.device, corpus=corpus)
-    write_samples(result, out / "samples.md")
-    (out / "summary.json").write_text(json.dumps(result["summary"], indent=2) + "\n")
-    print(result["table"])
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s: see {out / 'samples.md'}, "
-          f"{pt_dir / 'loss.png'}")
-    return result["summary"]
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        if isinstance(value, dict):
+            return {str(k): _jsonable(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [_jsonable(v) for v in value]
+        return str(value)
