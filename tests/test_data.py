@@ -175,12 +175,13 @@ def test_directories_globs_and_path_errors(tmp_path):
 # --- shards --------------------------------------------------------------------------------------
 
 
-def split_on_eos(ids: np.ndarray, eos: int) -> list[list[int]]:
+def split_on_eos(ids: np.ndarray, eos: int, bos: int = 1) -> list[list[int]]:
     assert ids[-1] == eos  # every document is followed by EOS
     docs, current = [], []
     for i in ids.tolist():
         if i == eos:
-            docs.append(current)
+            assert current[0] == bos  # ... and starts with BOS
+            docs.append(current[1:])
             current = []
         else:
             current.append(i)
@@ -234,7 +235,7 @@ def test_tiny_corpus_still_gets_a_validation_document(tmp_path, tok):
     assert meta["val_fallback"] and (meta["train_docs"], meta["val_docs"]) == (1, 1)
     val = np.fromfile(tmp_path / "out" / "val.bin", dtype=np.uint16)
     train = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16)
-    assert tok.decode(val[:-1]) == docs[1] and tok.decode(train[:-1]) == docs[0]
+    assert tok.decode(val[1:-1]) == docs[1] and tok.decode(train[1:-1]) == docs[0]  # BOS doc EOS
 
 
 def test_prepare_shards_bad_input_strict_and_skipped(tmp_path, tok):

@@ -2,7 +2,9 @@
 
 This module owns the on-disk pretraining format and its reader:
 
-  out_dir/train.bin   every training document's ids, each followed by EOS, back to back
+  out_dir/train.bin   every training document as BOS ids EOS, back to back (the BOS makes an
+                      unconditional sample start the way every training document does, and is
+                      the same first token every chat rendered by render_chat starts with)
   out_dir/val.bin     the same for validation documents
   out_dir/meta.json   dtype, token and document counts, skipped counts, tokenizer sha256, sources
   out_dir/tokenizer.json  the tokenizer that made the ids
@@ -112,7 +114,7 @@ def prepare_shards(
         with open(tmp["train"], "wb") as train_file, open(tmp["val"], "wb") as val_file:
             files = {"train": train_file, "val": val_file}
             while batch := list(itertools.islice(documents, batch_documents)):
-                encoded = tokenizer.encode_batch(batch, add_eos=True)  # parallel in Rust
+                encoded = tokenizer.encode_batch(batch, add_bos=True, add_eos=True)  # parallel in Rust
                 to_val = [is_validation(doc, seed, val_fraction) for doc in batch]
                 for split in SPLITS:
                     chosen = [ids for ids, val in zip(encoded, to_val) if val == (split == "val")]
@@ -144,6 +146,7 @@ def prepare_shards(
             "format": SHARD_FORMAT,
             "dtype": dtype.name,
             "vocab_size": tokenizer.vocab_size,
+            "bos_id": tokenizer.bos_id,
             "eos_id": tokenizer.eos_id,
             "tokenizer_sha256": tokenizer.fingerprint,
             "train_tokens": tokens["train"],
