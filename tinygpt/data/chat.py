@@ -40,11 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from tinygpt.data.sources import DataError, ReadStats, is_dataset_dir, iter_records, require_field
 from tinygpt.tokenizer import Tokenizer, validate_messages
+from tinygpt.data.sampling import epoch_indices
 
 MAX_KEPT_SKIPS = 20
 
@@ -229,23 +229,8 @@ class ChatDataset:
         return f"ChatDataset({str(self.path)!r}, examples={len(self)}, tokens={self.stats.tokens})"
 
     def indices(self, step: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> list[int]:
-        """Example indices of this rank's rows of global batch ``step``: a fresh permutation each epoch."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if step < 0 or seed < 0:
-            raise ValueError(f"step and seed must be >= 0, got step={step}, seed={seed}")
-        n, global_batch = len(self.examples), batch_size * world_size
-        first = step * global_batch + rank * batch_size
-        positions = np.arange(first, first + batch_size)  # positions in the endless epoch-by-epoch stream
-        out, perms = [], {}
-        for p in positions.tolist():
-            epoch, offset = divmod(p, n)
-            if epoch not in perms:
-                perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
-            out.append(int(perms[epoch][offset]))
-        return out
+        """Example indices of this rank's rows of global batch ``step`` (see :func:`epoch_indices`)."""
+        return epoch_indices(len(self.examples), step, batch_size, seed=seed, rank=rank, world_size=world_size)
 
     def batch(self, step: int, batch_size: int, *, seed: int = 0, rank: int = 0,
               world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from tinygpt.data.sources import DataError, ReadStats, iter_records, require_field
 from tinygpt.tokenizer import Tokenizer, validate_messages
+from tinygpt.data.sampling import epoch_indices
 
 MAX_KEPT_SKIPS = 20
 
@@ -314,22 +314,8 @@ class PreferenceDataset:
         return self.stats.pairs
 
     def indices(self, step: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> list[int]:
-        """Prompt indices of this rank's rows of global batch ``step``: a fresh permutation each epoch."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if step < 0 or seed < 0:
-            raise ValueError(f"step and seed must be >= 0, got step={step}, seed={seed}")
-        n, global_batch = len(self.rendered), batch_size * world_size
-        first = step * global_batch + rank * batch_size
-        out, perms = [], {}
-        for p in range(first, first + batch_size):  # positions in the endless epoch-by-epoch stream
-            epoch, offset = divmod(p, n)
-            if epoch not in perms:
-                perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
-            out.append(int(perms[epoch][offset]))
-        return out
+        """Prompt indices of this rank's rows of global batch ``step`` (see :func:`epoch_indices`)."""
+        return epoch_indices(len(self.rendered), step, batch_size, seed=seed, rank=rank, world_size=world_size)
 
     def batch(self, step: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> PreferenceBatch:
         """``batch_size`` prompts (all their pairs) for this rank at micro-step ``step``."""
