@@ -371,9 +371,13 @@ def read_table(rows: list[Row], baseline: str = "SFT") -> list[str]:
                        f"cannot be told: no perplexity for {missing} (evaluate runs it when given --data).")
         else:
             rise = p_ptx / p_sft - 1
-            held = "held" if rise <= PTX_PERPLEXITY_TOLERANCE else "did not hold"
-            line = (f"PPO-ptx {held} validation perplexity within {PTX_PERPLEXITY_TOLERANCE:.0%} of SFT's: "
-                    f"{p_ptx:.2f} against {p_sft:.2f} ({rise:+.1%}).")
+            if rise < -PTX_PERPLEXITY_TOLERANCE:
+                verdict = "brought validation perplexity below SFT's"
+            elif rise <= PTX_PERPLEXITY_TOLERANCE:
+                verdict = f"held validation perplexity within {PTX_PERPLEXITY_TOLERANCE:.0%} of SFT's"
+            else:
+                verdict = f"did not hold validation perplexity within {PTX_PERPLEXITY_TOLERANCE:.0%} of SFT's"
+            line = f"PPO-ptx {verdict}: {p_ptx:.2f} against {p_sft:.2f} ({rise:+.1%})."
             p_ppo = ppo.scores.get("perplexity") if ppo else None
             if p_ppo is not None:
                 line += f" PPO without the pretraining mix: {p_ppo:.2f} ({p_ppo / p_sft - 1:+.1%})."
