@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_configs_dir_points_at_the_packaged_recipes():
-    for name in ("demo.toml", "tiny.toml"):
+    for name in ("demo.toml", "tiny.toml", "gpu.toml"):
         assert load_toml(ROOT / "configs" / name) == load_toml(RECIPES / name)
 
 
@@ -22,6 +22,16 @@ def test_recipe_tables_are_checked(tmp_path):
     with pytest.raises(ValueError, match="pretrian"):
         load_recipe(str(bad))
     assert set(load_recipe("")) <= set(STAGE_NAMES) | {"pipeline"}
+
+
+@pytest.mark.parametrize("name", ["demo.toml", "tiny.toml", "gpu.toml"])
+def test_every_recipe_table_builds_its_stage_config(name, tmp_path):
+    from tinygpt.pipeline import STAGES, stage_config
+
+    recipe = load_recipe(str(RECIPES / name))
+    cfg = PipelineConfig(config=str(RECIPES / name), out=str(tmp_path))
+    for stage in STAGES:  # unknown or mistyped fields raise here, before any stage runs
+        stage_config(stage, tmp_path, cfg, recipe)
 
 
 @pytest.mark.slow
