@@ -281,6 +281,31 @@ def load_weights(model: torch.nn.Module, path: str | Path, *, device: str | torc
         raise CheckpointError(f"{weights}: unreadable, truncated or of another shape ({e})") from None
 
 
+def resume_training(run_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                    device: str | torch.device = "cpu", world_size: int = 1, verbose: bool = True,
+                    load_fn: Any = None) -> dict[str, Any]:
+    """Restore a training run from ``run_dir``'s latest checkpoint: weights (through ``load_fn(model,
+    ckpt)`` if given, e.g. a LoRA adapter), optimizer, every RNG. Returns the trainer state; its
+    ``"step"`` is the step to continue from. An explicit resume never silently starts fresh: no
+    checkpoint is an error.
+    """
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"--resume: no checkpoint in {Path(run_dir) / 'checkpoints'}; "
+                              "run without --resume to start fresh")
+    state = load_trainer_state(ckpt)
+    if load_fn is not None:
+        load_fn(model, ckpt)
+    else:
+        load_weights(model, ckpt, device=device)
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng_state(state["rng"])
+    if state.get("world_size", 1) != world_size and verbose:
+        print(f"warning: resuming a {state.get('world_size', 1)}-rank run on {world_size} ranks; "
+              "the data order changes from here on")
+    return state
+
+
 def load_trainer_state(path: str | Path) -> dict[str, Any]:
     """The resume state, loaded with ``weights_only=True``; errors name the file."""
     ckpt = resolve_checkpoint(path)

@@ -35,8 +35,7 @@ from tqdm.auto import tqdm
 
 from tinygpt import runtime
 from tinygpt.checkpoint import (CheckpointError, capture_rng_state, latest_checkpoint, load_meta, load_model,
-                                load_tokenizer_json, load_trainer_state, load_weights, restore_rng_state,
-                                save_training_checkpoint)
+                                load_tokenizer_json, resume_training, save_training_checkpoint)
 from tinygpt.config import opt, save_config, to_jsonable
 from tinygpt.data.preferences import PreferenceBatch, PreferenceDataset
 from tinygpt.losses import dpo_loss, sequence_logprobs
@@ -156,13 +155,8 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
     # --- resume ----------------------------------------------------------------------------
     start_step = 0
     if cfg.resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise CheckpointError(f"--resume: no checkpoint in {out / 'checkpoints'}; run without --resume to start fresh")
-        state = load_trainer_state(ckpt)
-        load_weights(policy, ckpt, device=device)
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng_state(state["rng"])
+        state = resume_training(out, policy, optimizer, device=device, world_size=dist_info.world_size,
+                                verbose=dist_info.is_main)
         start_step = int(state["step"])
     if dist_info.is_main:
         save_config(cfg, out / "resolved_config.json")

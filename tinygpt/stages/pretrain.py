@@ -25,8 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from tinygpt import runtime
-from tinygpt.checkpoint import (CheckpointError, capture_rng_state, latest_checkpoint, load_trainer_state,
-                                load_weights, restore_rng_state, save_training_checkpoint)
+from tinygpt.checkpoint import (capture_rng_state, latest_checkpoint, resume_training, save_training_checkpoint)
 from tinygpt.config import opt, save_config, to_jsonable
 from tinygpt.data.shards import TokenDataset
 from tinygpt.losses import lm_loss
@@ -118,18 +117,9 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     # --- resume ----------------------------------------------------------------------------
     start_step = 0
     if cfg.resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise CheckpointError(f"--resume: no checkpoint in {out / 'checkpoints'}; "
-                                  "run without --resume to start fresh")
-        state = load_trainer_state(ckpt)
-        load_weights(model, ckpt, device=device)
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng_state(state["rng"])
+        state = resume_training(out, model, optimizer, device=device, world_size=dist_info.world_size,
+                                verbose=dist_info.is_main)
         start_step = int(state["step"])
-        if state.get("world_size", 1) != dist_info.world_size and dist_info.is_main:
-            print(f"warning: resuming a {state.get('world_size')}-rank run on {dist_info.world_size} ranks; "
-                  "the data order changes from here on")
     if dist_info.is_main:
         save_config(cfg, out / "resolved_config.json")
 

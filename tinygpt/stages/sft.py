@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 from tinygpt import lora, runtime
 from tinygpt.checkpoint import (CheckpointError, capture_rng_state, latest_checkpoint, load_meta, load_model,
-                                load_tokenizer_json, load_trainer_state, load_weights, restore_rng_state,
-                                publish_checkpoint, save_checkpoint, save_training_checkpoint, step_path)
+                                load_tokenizer_json, publish_checkpoint, resume_training, save_checkpoint,
+                                save_training_checkpoint, step_path)
 from tinygpt.config import opt, save_config, to_jsonable
 from tinygpt.data.chat import ChatDataset
 from tinygpt.eval.tasks import load_task_records, task_accuracy
@@ -146,20 +146,10 @@ def main(cfg: SFTConfig) -> dict[str, Any]:
     # --- resume ----------------------------------------------------------------------------
     start_step = 0
     if cfg.resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise CheckpointError(f"--resume: no checkpoint in {out / 'checkpoints'}; run without --resume to start fresh")
-        state = load_trainer_state(ckpt)
-        if cfg.lora_r > 0:
-            lora.load_adapter(model, ckpt, device=device)
-        else:
-            load_weights(model, ckpt, device=device)
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng_state(state["rng"])
+        load_fn = (lambda m, ck: lora.load_adapter(m, ck, device=device)) if cfg.lora_r > 0 else None
+        state = resume_training(out, model, optimizer, device=device, world_size=dist_info.world_size,
+                                verbose=dist_info.is_main, load_fn=load_fn)
         start_step = int(state["step"])
-        if state.get("world_size", 1) != dist_info.world_size and dist_info.is_main:
-            print(f"warning: resuming a {state.get('world_size')}-rank run on {dist_info.world_size} ranks; "
-                  "the data order changes from here on")
     if dist_info.is_main:
         save_config(cfg, out / "resolved_config.json")
 
