@@ -190,3 +190,11 @@ def test_entropy_and_masked_mean_hand_worked():
     assert entropy_from_logits(logits, mask).item() == pytest.approx((0.693147 + 0.562335) / 2, abs=1e-6)
     assert masked_mean(torch.tensor([[1.0, 2.0, 9.0]]), mask).item() == pytest.approx(1.5)
     assert masked_mean(torch.tensor([[1.0]]), torch.tensor([[0]])).item() == 0.0  # nothing counts: 0, not NaN
+
+
+def test_preference_accuracy_counts_ties_half():
+    """chosen 2 > 1: 1; chosen 0 < 3: 0; tie 5 == 5: 1/2."""
+    from tinygpt.losses import preference_accuracy
+
+    got = preference_accuracy(torch.tensor([2.0, 0.0, 5.0]), torch.tensor([1.0, 3.0, 5.0]))
+    assert torch.equal(got, torch.tensor([1.0, 0.0, 0.5]))

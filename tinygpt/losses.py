@@ -237,3 +237,11 @@ def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor | None = None) 
     p = torch.softmax(z, dim=-1)  # (B, T, V)
     entropy = torch.logsumexp(z, dim=-1) - (p * z).sum(-1)  # (B, T)
     return masked_mean(entropy, mask)
+
+
+def preference_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Per pair: 1 where the chosen answer scores higher, 1/2 on a tie, 0 otherwise: (N,), (N,) -> (N,).
+
+    The held-out accuracy of a reward model (scores = rewards) and of DPO (scores = implicit rewards).
+    """
+    return (chosen_scores > rejected_scores).float() + 0.5 * (chosen_scores == rejected_scores).float()

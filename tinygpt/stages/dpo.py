@@ -38,7 +38,7 @@ from tinygpt.checkpoint import (CheckpointError, capture_rng_state, latest_check
                                 load_tokenizer_json, resume_training, save_training_checkpoint)
 from tinygpt.config import opt, save_config, to_jsonable
 from tinygpt.data.preferences import PreferenceBatch, PreferenceDataset
-from tinygpt.losses import dpo_loss, sequence_logprobs
+from tinygpt.losses import dpo_loss, preference_accuracy, sequence_logprobs
 from tinygpt.metrics import MetricsWriter, plot_curves, read_metrics
 from tinygpt.model import GPT
 from tinygpt.optim import lr_at, make_optimizer, set_lr
@@ -89,7 +89,7 @@ def response_logprobs(model: torch.nn.Module, batch: PreferenceBatch) -> torch.T
 
 
 def _pair_stats(chosen_r: torch.Tensor, rejected_r: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"accuracy": ((chosen_r > rejected_r).float() + 0.5 * (chosen_r == rejected_r).float()).mean(),
+    return {"accuracy": preference_accuracy(chosen_r, rejected_r).mean(),
             "chosen_reward": chosen_r.mean(), "rejected_reward": rejected_r.mean(),
             "margin": (chosen_r - rejected_r).mean()}
 

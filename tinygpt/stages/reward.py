@@ -45,7 +45,7 @@ from tinygpt.checkpoint import (CheckpointError, capture_rng_state, latest_check
 from tinygpt.config import opt, save_config, to_jsonable
 from tinygpt.data.preferences import PreferenceDataset
 from tinygpt.data.sources import DataError, iter_records, require_field
-from tinygpt.losses import pairwise_loss
+from tinygpt.losses import pairwise_loss, preference_accuracy
 from tinygpt.metrics import MetricsWriter, plot_curves, read_metrics
 from tinygpt.optim import lr_at, make_optimizer, set_lr
 from tinygpt.rewards import REWARD_SHIFT_KEY, LastTokenReward, score
@@ -90,11 +90,6 @@ class RewardConfig:
     progress: bool = opt(True, "show a progress bar")
 
 
-def _pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """Per pair: 1 if chosen scores higher, 1/2 on a tie, 0 otherwise."""
-    return (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
-
-
 def evaluate(reward_model: torch.nn.Module, data: PreferenceDataset, batch_size: int, device: torch.device,
              dtype: torch.dtype) -> dict[str, float]:
     """Validation loss (each prompt once), pair accuracy vs the labels, and vs the noise-free utility order."""
@@ -111,11 +106,11 @@ def evaluate(reward_model: torch.nn.Module, data: PreferenceDataset, batch_size:
             groups = int(batch.group.max()) + 1
             loss_sum += pairwise_loss(r_c, r_r, batch.group).item() * groups
             n_prompts += groups
-            acc_sum += _pair_accuracy(r_c, r_r).sum().item()
+            acc_sum += preference_accuracy(r_c, r_r).sum().item()
             n_pairs += batch.num_pairs
             u_c, u_r = batch.utilities[batch.chosen], batch.utilities[batch.rejected]
             strict = torch.isfinite(u_c) & torch.isfinite(u_r) & (u_c != u_r)
-            oracle_hits += _pair_accuracy(torch.where(u_c > u_r, r_c, r_r), torch.where(u_c > u_r, r_r, r_c))[strict].sum().item()
+            oracle_hits += preference_accuracy(torch.where(u_c > u_r, r_c, r_r), torch.where(u_c > u_r, r_r, r_c))[strict].sum().item()
             oracle_pairs += int(strict.sum())
     reward_model.train(was_training)
     out = {"val_loss": loss_sum / n_prompts, "val_accuracy": acc_sum / n_pairs}
@@ -255,7 +250,7 @@ def main(cfg: RewardConfig) -> dict[str, Any]:
                     loss = pairwise_loss(rewards[batch.chosen], rewards[batch.rejected], batch.group) / cfg.grad_accum
                 loss.backward()
                 loss_sum += loss.detach()
-                acc_sum += _pair_accuracy(rewards[batch.chosen], rewards[batch.rejected]).detach().mean() / cfg.grad_accum
+                acc_sum += preference_accuracy(rewards[batch.chosen], rewards[batch.rejected]).detach().mean() / cfg.grad_accum
                 pairs_since += batch.num_pairs
             loss_value = runtime.all_reduce_mean(loss_sum).item()
             grad_norm = (torch.nn.utils.clip_grad_norm_(gpt.parameters(), cfg.grad_clip).item()
