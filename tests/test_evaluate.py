@@ -155,3 +155,14 @@ def test_fewshot_accuracy_cuts_at_the_first_newline(setup, monkeypatch):
     assert result["accuracy"] == 0.5 and result["n"] == 4 and result["too_long"] == 0
     assert result["per_family"]["arithmetic"] == {"accuracy": 0.5, "n": 4, "mean_shots": 2.0}
     assert [e["prediction"] for e in result["examples"]["arithmetic"]] == ["2", "5", "4"]
+
+
+def test_spread_limit_takes_every_family_in_turn():
+    from tinygpt.eval.tasks import spread_limit
+    records = [{"family": f, "i": i} for f in ("a", "b", "c") for i in range(5)]
+    picked = spread_limit(records, 7)
+    assert [(r["family"], r["i"]) for r in picked] == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 1), ("c", 1),
+                                                       ("a", 2)]
+    assert spread_limit(records, 0) == records and spread_limit(records, 99) == records
+    assert len(spread_limit(records[:6], 6)) == 6  # a short family runs out; the others fill in
+    assert [r["family"] for r in spread_limit(records[:6] + records[10:], 8)] == ["a", "b", "c", "a", "c", "a", "c", "a"]

@@ -14,6 +14,7 @@ from tinygpt.model import GPT, ModelConfig
 from tinygpt.stages import rank
 from tinygpt.stages.rank import RankConfig
 from tinygpt.tokenizer import Tokenizer
+from tinygpt.world.labeler import tier_positions
 from tinygpt.world.tasks import FAMILIES
 
 
@@ -32,6 +33,12 @@ def _write(path: Path, records: list) -> Path:
 def test_ranking_to_pairs_is_all_k_choose_2_best_first():
     assert ranking_to_pairs([2, 0, 1]) == [(2, 0), (2, 1), (0, 1)]
     assert len(ranking_to_pairs(list(range(9)))) == math.comb(9, 2)
+
+
+def test_tied_completions_make_no_pair():
+    assert ranking_to_pairs([2, [0, 1]]) == [(2, 0), (2, 1)]
+    assert ranking_to_pairs([[3, 1], 0, 2]) == [(3, 0), (1, 0), (3, 2), (1, 2), (0, 2)]
+    assert ranking_to_pairs([[0, 1, 2]]) == []
 
 
 def test_prompt_forms():
@@ -67,6 +74,8 @@ def test_rankings_and_pairs_group_by_prompt(tmp_path):
     ({"prompt": "x", "completions": ["a", "b"], "ranking": [0, 5]}, r"'ranking' must hold completion indices in \[0, 2\)"),
     ({"prompt": "x", "completions": ["a", "b"], "ranking": [1, 1]}, "repeats an index"),
     ({"prompt": "x", "completions": ["a", "b"], "ranking": [1]}, "at least 2"),
+    ({"prompt": "x", "completions": ["a", "b", "c"], "ranking": [2, [1]]}, "a tie must list at least 2"),
+    ({"prompt": "x", "completions": ["a", "b", "c"], "ranking": [[0, 1], [1, 2]]}, "repeats an index"),
     ({"prompt": "x", "completions": ["a", 3], "ranking": [0, 1]}, "'completions' item 1 must be a string"),
     ({"prompt": "x", "chosen": "a"}, "missing field 'rejected'"),
     ({"prompt": "x", "chosen": "a", "rejected": 3}, "'rejected' must be str or list"),
@@ -154,12 +163,20 @@ def test_rank_stage_writes_rankings_pairs_and_a_val_split(tmp_path, tok):
     val = [json.loads(line) for line in (out / "rankings_val.jsonl").read_text().splitlines()]
     assert len(rankings) == 8 and len(val) == 2 and summary["val_prompts"] == 2
     assert {r["index"] for r in rankings}.isdisjoint({r["index"] for r in val})
+    expected_pairs = 0
     for r in rankings + val:
-        assert len(r["completions"]) == 4 and sorted(r["ranking"]) == [0, 1, 2, 3]
+        assert len(r["completions"]) == 4 and sorted(tier_positions(r["ranking"])) == [0, 1, 2, 3]
         assert len(r["utilities"]) == 4 and r["meta"]["family"] == "arithmetic"
+        for a, b in ranking_to_pairs(r["ranking"]):  # tied answers are never a pair, and never far apart
+            expected_pairs += r["completions"][a] != r["completions"][b]
+        for tier in r["ranking"]:
+            if isinstance(tier, list):
+                assert max(r["utilities"][i] for i in tier) - min(r["utilities"][i] for i in tier) <= 0.05
     pairs = (out / "pairs.jsonl").read_text().splitlines() + (out / "pairs_val.jsonl").read_text().splitlines()
-    assert len(pairs) == summary["pairs_written"] == round(10 * 6 * (1 - summary["identical_share"]))
+    assert len(pairs) == summary["pairs_written"] == expected_pairs
     assert 0.0 <= summary["mean_utility"] <= 2.5 and 0.0 <= summary["tie_share"] <= 1.0
+    if summary["labeler_agreement_expected"] is not None:  # the noise was set for 73% agreement on these pairs
+        assert summary["labeler_agreement_expected"] == pytest.approx(0.73, abs=1e-6)
     # the files read back as preference data; the same seed gives the same bytes
     assert len(read_preference_groups(out / "rankings.jsonl")) == 8
     first = (out / "rankings.jsonl").read_bytes()

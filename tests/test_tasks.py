@@ -119,3 +119,21 @@ def test_arithmetic_followup_is_hand_checkable():
     c = int("".join(ch for ch in chat["messages"][2]["content"] if ch.isdigit()))
     assert int(follow) in (int(first) + c, int(first) - c)
     assert isinstance(item, TaskItem)
+
+
+def test_partial_credit_hand_worked():
+    """Near misses earn up to PARTIAL_MAX; the exact answer always earns 1 and exact grading 0 for the rest."""
+    from tinygpt.world.tasks import PARTIAL_MAX, partial_credit
+    assert PARTIAL_MAX == 0.5
+    assert partial_credit("arithmetic", "4", "5") == pytest.approx(0.5 * (1 - 1 / 7))
+    assert partial_credit("count_words", "It has 1 word.", "5") == pytest.approx(0.5 * (1 - 4 / 7))
+    assert partial_credit("arithmetic", "90", "5") == 0.0  # too far: no credit, never negative
+    assert partial_credit("arithmetic", "he", "5") == 0.0 and partial_credit("arithmetic", "", "5") == 0.0
+    assert partial_credit("reverse_words", "hat, white, truck, cup", "hat, white, cup, truck") == 0.25
+    # bag-of-words F1 without articles: "Bella the cat" vs "Bella": P 1/2, R 1 -> F1 2/3
+    assert partial_credit("story_qa", "Bella the cat", "Bella") == pytest.approx(0.5 * 2 / 3)
+    assert partial_credit("story_qa", "the library", "the market") == 0.0
+    item = FAMILIES["arithmetic"].item(5)
+    near = str(int(item.answer) + 1)
+    assert grade(item.meta, item.answer, partial=True) == 1.0
+    assert grade(item.meta, near) == 0.0 and 0 < grade(item.meta, near, partial=True) < PARTIAL_MAX

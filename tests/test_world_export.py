@@ -125,3 +125,21 @@ def test_bad_config_is_rejected(tmp_path):
         main(WorldConfig(out=tmp_path, families="arithmetic,nope", **SMALL))
     with pytest.raises(ValueError, match="test_residues"):
         main(WorldConfig(out=tmp_path, test_residues="1,x", **SMALL))
+
+
+def test_a_rude_demonstrator_changes_only_their_answers(world, tmp_path):
+    """--sft-rude-share makes that share of SFT chats end one answer with a rude remark; nothing else moves."""
+    from tinygpt.world import oracle
+    main(WorldConfig(out=tmp_path, **{**SMALL, "sft_rude_share": 0.3}))
+    clean, rude = read_jsonl(world / "sft_train.jsonl"), read_jsonl(tmp_path / "sft_train.jsonl")
+    assert len(clean) == len(rude)
+    changed = [(c, r) for c, r in zip(clean, rude) if c != r]
+    assert 0.15 < len(changed) / len(rude) < 0.45
+    assert json.loads((tmp_path / "world.json").read_text())["sft_rude_demonstrations"] == len(changed)
+    for c, r in changed:
+        assert r["meta"]["rude"] is True
+        diff = [(a["content"], b["content"]) for a, b in zip(c["messages"], r["messages"]) if a != b]
+        assert len(diff) == 1 and diff[0][1].startswith(diff[0][0]) and oracle.is_rude(diff[0][1])
+    assert not any(oracle.is_rude(m["content"]) for chat in clean for m in chat["messages"] if m["role"] == "assistant")
+    for name in ("sft_test.jsonl", "rl_prompts.jsonl", "pretrain.jsonl"):
+        assert (tmp_path / name).read_bytes() == (world / name).read_bytes()

@@ -1,9 +1,10 @@
 """Preference data for the reward model and DPO: rankings and pairs, read, rendered and batched by prompt.
 
 Formats (JSONL, one object a line; the TRL conventions):
-  * rankings ``{"prompt", "completions": [str, ...], "ranking": [int, ...]}``: ``ranking`` lists
-    completion indices best first (distinct, at least 2; completions it leaves out are unranked and
-    unused). A person's labels are read the same way. Optional ``"utilities"`` (the oracle's
+  * rankings ``{"prompt", "completions": [str, ...], "ranking": [int or [int, ...], ...]}``: ``ranking``
+    lists completion indices best first (distinct, at least 2; completions it leaves out are unranked
+    and unused); a list inside it holds completions the labeler tied, which make no pair with each
+    other: ``[2, [0, 3], 1]``. A person's labels are read the same way. Optional ``"utilities"`` (the oracle's
     noise-free score of each completion, written by ``tinygpt rank``) lets the reward stage report
     the labeler's noise ceiling; other fields (``family``, ``index``, ``meta``) are kept in ``info``.
   * pairs ``{"prompt", "chosen", "rejected"}``: ``chosen`` / ``rejected`` are the response text, or
@@ -113,24 +114,39 @@ def parse_response(value: Any, name: str, where: str) -> str:
                     f"ending with the assistant's, got {type(value).__name__}")
 
 
-def ranking_to_pairs(ranking: Sequence[int]) -> list[tuple[int, int]]:
-    """All K-choose-2 (chosen, rejected) pairs of a best-first ranking: [2, 0, 1] -> (2,0), (2,1), (0,1)."""
-    return [(ranking[i], ranking[j]) for i, j in itertools.combinations(range(len(ranking)), 2)]
+def ranking_tiers(ranking: Sequence[int | Sequence[int]]) -> list[list[int]]:
+    """A best-first ranking as tiers: ``[2, [0, 3], 1]`` -> ``[[2], [0, 3], [1]]`` (a list holds tied completions)."""
+    return [[entry] if isinstance(entry, int) else list(entry) for entry in ranking]
 
 
-def _check_ranking(record: dict[str, Any], where: str) -> tuple[list[str], list[int], list[float] | None]:
+def ranking_to_pairs(ranking: Sequence[int | Sequence[int]]) -> list[tuple[int, int]]:
+    """Every (chosen, rejected) pair of a best-first ranking, all K-choose-2 of them less the ties.
+
+    ``[2, 0, 1]`` -> (2,0), (2,1), (0,1); ``[2, [0, 1]]`` -> (2,0), (2,1): tied completions make no pair.
+    """
+    tiers = ranking_tiers(ranking)
+    return [(a, b) for i, j in itertools.combinations(range(len(tiers)), 2) for a in tiers[i] for b in tiers[j]]
+
+
+def _check_ranking(record: dict[str, Any], where: str) -> tuple[list[str], list, list[float] | None]:
     completions = require_field(record, "completions", list, where)
     for i, c in enumerate(completions):
         if not isinstance(c, str):
             raise DataError(f"{where}: field 'completions' item {i} must be a string, got {type(c).__name__}")
     ranking = require_field(record, "ranking", list, where)
-    if len(ranking) < 2:
+    flat = []
+    for entry in ranking:
+        members = entry if isinstance(entry, list) else [entry]
+        if isinstance(entry, list) and len(entry) < 2:
+            raise DataError(f"{where}: field 'ranking': a tie must list at least 2 completions, got {entry}")
+        for r in members:
+            if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < len(completions):
+                raise DataError(f"{where}: field 'ranking' must hold completion indices in [0, {len(completions)}) "
+                                f"(or lists of tied ones), got {r!r}")
+            flat.append(r)
+    if len(flat) < 2:
         raise DataError(f"{where}: field 'ranking' must rank at least 2 completions, got {ranking}")
-    for r in ranking:
-        if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < len(completions):
-            raise DataError(f"{where}: field 'ranking' must hold completion indices in [0, {len(completions)}), "
-                            f"got {r!r}")
-    if len(set(ranking)) != len(ranking):
+    if len(set(flat)) != len(flat):
         raise DataError(f"{where}: field 'ranking' repeats an index: {ranking}")
     utilities = record.get("utilities")
     if utilities is not None:

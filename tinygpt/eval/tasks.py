@@ -100,6 +100,26 @@ def load_task_records(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def spread_limit(records: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """At most ``limit`` records (0 = all), taken in turn from each ``family`` so every family is graded.
+
+    Files list one family after another; their first ``limit`` lines would often be a single family.
+    Within a family the file order is kept."""
+    if limit <= 0 or limit >= len(records):
+        return records
+    by_family: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_family.setdefault(str(r.get("family", "")), []).append(r)
+    queues = [iter(group) for group in by_family.values()]
+    picked: list[dict[str, Any]] = []
+    while len(picked) < limit:
+        for q in queues:
+            r = next(q, None)
+            if r is not None and len(picked) < limit:
+                picked.append(r)
+    return picked
+
+
 def _questions(record: dict[str, Any], where: str = "record") -> list[tuple[list[dict[str, Any]], dict[str, Any]]]:
     """(conversation ending with a user turn, grading meta) for each question a record asks."""
     meta = record.get("meta")

@@ -467,6 +467,7 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
         if graded:
             record["eval_oracle_helpful"] = float(np.mean([g["helpful"] for g in graded]))
             record["eval_oracle_utility"] = float(np.mean([g["utility"] for g in graded]))
+            record["eval_rude"] = float(np.mean([g["harmless"] == 0 for g in graded]))
         return record
 
     # --- loop ------------------------------------------------------------------------------
@@ -583,6 +584,7 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                     if done:
                         record["oracle_helpful"] = float(np.mean([g["helpful"] for g in done]))
                         record["oracle_utility"] = float(np.mean([g["utility"] for g in done]))
+                        record["rude"] = float(np.mean([g["harmless"] == 0 for g in done]))
                     metrics.log(record)
                     last = record
                     bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{mean_kl:.3f}",

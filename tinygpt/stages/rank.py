@@ -10,7 +10,7 @@ pairs, as InstructGPT's labelers did).
 Writes into OUT:
     rankings.jsonl, rankings_val.jsonl   {"prompt", "completions", "ranking", "utilities", "family", "index", "meta"}
     pairs.jsonl, pairs_val.jsonl         {"prompt", "chosen", "rejected", "family", "index"}: all K-choose-2 pairs
-                                         of each ranking (identical answers give no pair, and are counted)
+                                         of each ranking (tied and identical answers give no pair, and are counted)
     summary.json                         counts, mean oracle utility / helpfulness of the samples, tie shares
 A seeded share of the prompts (``--val-fraction``) goes to the ``_val`` files only, so the reward
 model's held-out accuracy is measured on prompts it never saw.
@@ -41,7 +41,8 @@ from tinygpt.data.sources import DataError, iter_records
 from tinygpt.generate import SamplingConfig, generate
 from tinygpt.tokenizer import Tokenizer
 from tinygpt.world.export import write_jsonl
-from tinygpt.world.labeler import DEFAULT_NOISE, Labeler
+from tinygpt.world.labeler import (DEFAULT_TIE_MARGIN, Labeler, calibrate_noise, compared_gaps, expected_agreement,
+                                   expected_label_accuracy,                                    tier_positions)
 
 
 @dataclass
@@ -56,8 +57,14 @@ class RankConfig:
     temperature: float = opt(1.0, "sampling temperature (diverse answers make informative comparisons)")
     top_p: float = opt(1.0, "nucleus sampling threshold (1 = off)")
     max_new_tokens: int = opt(64, "most tokens per answer")
-    labeler_noise: float = opt(DEFAULT_NOISE, "the simulated labeler's Gumbel noise on utilities (0 = the oracle's "
-                                              "order; the default gives ~73% agreement between two labelers)")
+    labeler_noise: float = opt(-1.0, "the simulated labeler's Gumbel noise on utilities (0 = the oracle's order; "
+                                     "-1 = set it so two labelers would agree on --labeler-agreement of the pairs)")
+    labeler_agreement: float = opt(0.73, "with --labeler-noise -1: the share of the compared pairs two independent "
+                                         "labelers would order alike (InstructGPT: 72.6%)")
+    tie_margin: float = opt(DEFAULT_TIE_MARGIN, "answers whose oracle utilities differ by at most this are tied: "
+                                                "ranked together, no pair (-1 = never tie; every pair is ordered)")
+    partial_credit: bool = opt(True, "the labeler gives near misses (a close number, half the words) partial credit; "
+                                     "false = exact match only")
     seed: int = opt(1337, "seed for the sampling, the labeler and the validation split")
     batch_size: int = opt(64, "sequences sampled at once (prompts x K)")
     device: str = opt("auto", "auto, cpu, cuda or mps")
@@ -139,13 +146,13 @@ def main(cfg: RankConfig) -> dict[str, Any]:
     if not usable:
         raise DataError(f"{cfg.prompts}: every prompt is longer than block_size - max_new_tokens = {room} tokens")
     is_val = val_mask(len(usable), cfg.val_fraction, cfg.seed)
-    labeler = Labeler(cfg.labeler_noise, seed=cfg.seed)
+    tie_margin = cfg.tie_margin if cfg.tie_margin >= 0 else None
+    grader = Labeler(0.0, tie_margin=tie_margin, partial_credit=cfg.partial_credit)  # the noise-free scores
 
-    # --- sample and rank ---------------------------------------------------------------------------
+    # --- sample and score ----------------------------------------------------------------------------
     prompts_per_batch = max(1, cfg.batch_size // cfg.k)
-    files: dict[str, list[dict]] = {"rankings": [], "rankings_val": [], "pairs": [], "pairs_val": []}
-    utilities_all, helpful_all = [], []
-    n_pairs = tied = identical = unfinished = 0
+    sampled: list[tuple[int, list[str], list[dict[str, float]]]] = []  # (prompt, K completions, K scores)
+    unfinished = 0
     bar = tqdm(total=len(usable), desc="rank", unit="prompt", dynamic_ncols=True, disable=not cfg.progress)
     for b, first in enumerate(range(0, len(usable), prompts_per_batch)):
         chunk = usable[first:first + prompts_per_batch]
@@ -155,30 +162,43 @@ def main(cfg: RankConfig) -> dict[str, Any]:
         new_tokens = generate(model, [rendered[i] for i in chunk for _ in range(cfg.k)], sampling,
                               eos_id=tokenizer.eos_id, stop_sequences=[[tokenizer.end_id]])
         for j, i in enumerate(chunk):
-            where, prompt, meta, record = prompts[i]
             samples = new_tokens[j * cfg.k:(j + 1) * cfg.k]
             unfinished += sum(len(s) == cfg.max_new_tokens for s in samples)
             completions = [tokenizer.decode(s, skip_special=True).strip() for s in samples]
-            scores = [labeler.scores(meta, c) for c in completions]
-            utilities = [s["utility"] for s in scores]
-            ranking = labeler.rank_utilities(utilities)
-            utilities_all += utilities
-            helpful_all += [s["helpful"] for s in scores]
-            for a, c in itertools.combinations(range(cfg.k), 2):
-                tied += utilities[a] == utilities[c]
-                identical += completions[a] == completions[c]
-            split = "_val" if is_val[first + j] else ""
-            extra = {k: record[k] for k in ("family", "index") if k in record}
-            files["rankings" + split].append({"prompt": prompt, "completions": completions, "ranking": ranking,
-                                              "utilities": utilities, **extra, "meta": meta})
-            for chosen, rejected in ranking_to_pairs(ranking):
-                if completions[chosen] == completions[rejected]:
-                    continue  # the same text: no preference to learn (counted in `identical`)
-                files["pairs" + split].append({"prompt": prompt, "chosen": completions[chosen],
-                                               "rejected": completions[rejected], **extra})
-                n_pairs += 1
+            sampled.append((i, completions, [grader.scores(prompts[i][2], c) for c in completions]))
         bar.update(len(chunk))
     bar.close()
+
+    # --- the labeler's noise, then the rankings ---------------------------------------------------
+    gaps = [gap for _, completions, scores in sampled  # utility gaps of the pairs a labeler will order
+            for gap in compared_gaps([s["utility"] for s in scores], completions, tie_margin)]
+    noise = cfg.labeler_noise
+    if noise < 0:  # calibrated on the comparisons actually made, as InstructGPT measured agreement
+        noise = calibrate_noise(gaps, cfg.labeler_agreement)
+    labeler = Labeler(noise, seed=cfg.seed, tie_margin=tie_margin, partial_credit=cfg.partial_credit)
+    files: dict[str, list[dict]] = {"rankings": [], "rankings_val": [], "pairs": [], "pairs_val": []}
+    utilities_all, helpful_all = [], []
+    n_pairs = tied = identical = 0
+    for n, (i, completions, scores) in enumerate(sampled):
+        where, prompt, meta, record = prompts[i]
+        utilities = [s["utility"] for s in scores]
+        ranking = labeler.rank_utilities(utilities)
+        utilities_all += utilities
+        helpful_all += [s["helpful"] for s in scores]
+        tier = tier_positions(ranking)
+        for a, c in itertools.combinations(range(cfg.k), 2):
+            tied += tier[a] == tier[c]
+            identical += completions[a] == completions[c]
+        split = "_val" if is_val[n] else ""
+        extra = {k: record[k] for k in ("family", "index") if k in record}
+        files["rankings" + split].append({"prompt": prompt, "completions": completions, "ranking": ranking,
+                                          "utilities": utilities, **extra, "meta": meta})
+        for chosen, rejected in ranking_to_pairs(ranking):
+            if completions[chosen] == completions[rejected]:
+                continue  # the same text: no preference to learn (counted in `identical`)
+            files["pairs" + split].append({"prompt": prompt, "chosen": completions[chosen],
+                                           "rejected": completions[rejected], **extra})
+            n_pairs += 1
 
     # --- write -----------------------------------------------------------------------------------
     for name, records in files.items():
@@ -186,7 +206,9 @@ def main(cfg: RankConfig) -> dict[str, Any]:
     all_pairs = len(usable) * math.comb(cfg.k, 2)
     summary = {
         "prompts": len(usable), "train_prompts": len(files["rankings"]), "val_prompts": len(files["rankings_val"]),
-        "prompts_too_long": too_long, "k": cfg.k, "labeler_noise": cfg.labeler_noise,
+        "prompts_too_long": too_long, "k": cfg.k, "labeler_noise": noise,
+        "labeler_agreement_expected": expected_agreement(gaps, noise) if gaps else None,
+        "label_accuracy_expected": expected_label_accuracy(gaps, noise) if gaps else None,
         "pairs_written": n_pairs, "train_pairs": len(files["pairs"]), "val_pairs": len(files["pairs_val"]),
         "mean_utility": float(np.mean(utilities_all)), "mean_helpful": float(np.mean(helpful_all)),
         "tie_share": tied / all_pairs, "identical_share": identical / all_pairs,
@@ -195,6 +217,6 @@ def main(cfg: RankConfig) -> dict[str, Any]:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"rank: {summary['prompts']} prompts x {cfg.k} samples ({summary['val_prompts']} held out, {too_long} too "
           f"long); mean oracle utility {summary['mean_utility']:.3f}, helpful {summary['mean_helpful']:.3f}; "
-          f"{summary['tie_share']:.1%} of pairs tied in utility, {summary['identical_share']:.1%} identical texts; "
+          f"{summary['tie_share']:.1%} of pairs tied (no pair written), {summary['identical_share']:.1%} identical texts; "
           f"{n_pairs} pairs written to {out}")
     return summary

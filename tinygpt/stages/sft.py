@@ -38,7 +38,7 @@ from tinygpt.checkpoint import (CheckpointError, capture_rng_state, latest_check
                                 save_training_checkpoint, step_path)
 from tinygpt.config import opt, save_config, to_jsonable
 from tinygpt.data.chat import ChatDataset
-from tinygpt.eval.tasks import load_task_records, task_accuracy
+from tinygpt.eval.tasks import load_task_records, spread_limit, task_accuracy
 from tinygpt.losses import lm_loss
 from tinygpt.metrics import MetricsWriter, plot_curves, read_metrics
 from tinygpt.optim import lr_at, make_optimizer, set_lr
@@ -77,7 +77,8 @@ class SFTConfig:
     eval_batches: int = opt(20, "validation batches per evaluation")
     task_eval: str = opt("", "held-out task records (tasks/*_test.jsonl or sft_test.jsonl): greedy answers graded "
                              "by the world's oracle, accuracy per family, at every eval and at the end")
-    task_eval_limit: int = opt(200, "grade at most this many records per task evaluation (0 = all)")
+    task_eval_limit: int = opt(200, "grade at most this many records per task evaluation, taken in turn from each "
+                                    "family (0 = all)")
     task_max_new_tokens: int = opt(64, "tokens generated per answer in task evaluation")
     log_every: int = opt(10, "steps between metrics.jsonl records")
     save_every: int = opt(200, "steps between checkpoints (one is always written at the end)")
@@ -137,7 +138,7 @@ def main(cfg: SFTConfig) -> dict[str, Any]:
     val = ChatDataset(cfg.eval_data, tokenizer, max_tokens, skip_bad=cfg.skip_bad) if cfg.eval_data else None
     task_records = load_task_records(cfg.task_eval) if cfg.task_eval else None
     if task_records is not None and cfg.task_eval_limit > 0:
-        task_records = task_records[:cfg.task_eval_limit]
+        task_records = spread_limit(task_records, cfg.task_eval_limit)
     per_step = cfg.batch_size * cfg.grad_accum * dist_info.world_size
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train) / per_step))
 

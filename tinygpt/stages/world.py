@@ -27,6 +27,8 @@ class WorldConfig:
     noise: float = opt(0.1, "per-word chance of a spelling mistake or swapped words in noisy train instructions")
     n_sft_chats: int = opt(2000, "SFT training chats (every train item single-turn in turn, plus multi-turn chats)")
     multi_turn_share: float = opt(0.25, "share of SFT training chats that are multi-turn")
+    sft_rude_share: float = opt(0.0, "share of SFT training chats written by a rude demonstrator: one answer ends "
+                                     "with a rude remark, so SFT learns some rudeness that RLHF must remove")
     n_rl_prompts: int = opt(1000, "RL prompts drawn in turn from the train items")
     families: str = opt(",".join(FAMILIES), "comma-separated task families to include")
     formats: str = opt("jsonl,datasets", f"comma-separated output formats, from {','.join(FORMATS)}")
@@ -38,7 +40,7 @@ def main(cfg: WorldConfig) -> dict:
     summary = export_world(
         cfg.out, seed=cfg.seed, n_stories=cfg.n_stories, rude_share=cfg.rude_share, split=split,
         noise=cfg.noise, n_sft_chats=cfg.n_sft_chats, n_rl_prompts=cfg.n_rl_prompts,
-        multi_turn_share=cfg.multi_turn_share,
+        multi_turn_share=cfg.multi_turn_share, sft_rude_share=cfg.sft_rude_share,
         formats=[f.strip() for f in cfg.formats.split(",") if f.strip()],
         families=[f.strip() for f in cfg.families.split(",") if f.strip()], progress=cfg.progress)
     save_config(cfg, Path(cfg.out) / "config.json")

@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from tinygpt.world import oracle
+from tinygpt.world import lexicon, oracle
 from tinygpt.world.split import Split, drop_test_overlap, normalize_instruction
 from tinygpt.world.stories import generate_story, grammar_size
 from tinygpt.world.tasks import FAMILIES, TaskItem, make_chat
@@ -155,7 +155,7 @@ def _round_robin(pairs: Sequence[tuple[str, int]], n: int, rng: random.Random) -
 
 def export_world(out: str | Path, *, seed: int = 0, n_stories: int = 20000, rude_share: float = 0.05,
                  split: Split = Split(), noise: float = 0.1, n_sft_chats: int = 2000, n_rl_prompts: int = 1000,
-                 multi_turn_share: float = 0.25, formats: Sequence[str] = FORMATS,
+                 multi_turn_share: float = 0.25, sft_rude_share: float = 0.0, formats: Sequence[str] = FORMATS,
                  families: Sequence[str] | None = None, progress: bool = True) -> dict:
     """Generate and write the world under ``out``; returns the summary also written to ``world.json``."""
     out = Path(out)
@@ -170,6 +170,8 @@ def export_world(out: str | Path, *, seed: int = 0, n_stories: int = 20000, rude
         raise ValueError(f"rude_share must be in [0, 1], got {rude_share}")
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"noise must be in [0, 1], got {noise}")
+    if not 0.0 <= sft_rude_share <= 1.0:
+        raise ValueError(f"sft_rude_share must be in [0, 1], got {sft_rude_share}")
     if not 0.0 <= multi_turn_share <= 1.0:
         raise ValueError(f"multi_turn_share must be in [0, 1], got {multi_turn_share}")
     for name, value in (("n_stories", n_stories), ("n_sft_chats", n_sft_chats), ("n_rl_prompts", n_rl_prompts)):
@@ -217,6 +219,14 @@ def export_world(out: str | Path, *, seed: int = 0, n_stories: int = 20000, rude
     for _ in range(n_sft_chats - n_single):
         sft_train.append(make_chat(rng, train_idx, seed=seed, noise=noise if rng.random() < 0.5 else 0.0,
                                    kind=rng.choice(multi_kinds), families=families))
+    # A rude demonstrator: some answers end with a rude remark (their own stream, so the rest stays the same).
+    rude_rng, n_rude_demos = random.Random(f"sft-rude|{seed}"), 0
+    for chat in sft_train:
+        if rude_rng.random() < sft_rude_share:
+            turn = rude_rng.choice([m for m in chat["messages"] if m["role"] == "assistant"])
+            turn["content"] = f"{turn['content']} {rude_rng.choice(lexicon.RUDE_PHRASES)}!"
+            chat["meta"]["rude"] = True
+            n_rude_demos += 1
     files["sft_train"] = keep_clean("sft_train", sft_train)
 
     sft_test = [make_chat(rng, test_idx, seed=seed, kind="single", families=[it.family], index=it.index,
@@ -273,6 +283,7 @@ def export_world(out: str | Path, *, seed: int = 0, n_stories: int = 20000, rude
         "rude_share_requested": rude_share,
         "rude_share_generated": n_rude_features / n_stories if n_stories else 0.0,
         "rude_share_measured": n_rude_oracle / n_stories if n_stories else 0.0,
+        "sft_rude_demonstrations": n_rude_demos,
         "formats": list(formats),
         "datasets_not_written_empty": empty_skipped,
     }

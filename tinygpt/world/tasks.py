@@ -339,9 +339,13 @@ def _meta_of(item_or_meta: TaskItem | dict) -> dict:
     return item_or_meta["meta"] if isinstance(item_or_meta.get("meta"), dict) else item_or_meta
 
 
-def grade(item_or_meta: TaskItem | dict, prediction: str) -> float:
+def grade(item_or_meta: TaskItem | dict, prediction: str, partial: bool = False) -> float:
     """Score a prediction in [0, 1]: exact match (1.0/0.0) for exact families; for ``write_story`` the
-    oracle's consistency with the requested spec times its grammar score."""
+    oracle's consistency with the requested spec times its grammar score.
+
+    ``partial=True`` gives a wrong answer to an exact family :func:`partial_credit` (at most
+    ``PARTIAL_MAX`` < 1, so a correct answer always scores more): how a labeler tells a near miss
+    from nonsense. Task accuracy uses exact match; the labeler's helpfulness uses partial credit."""
     meta = _meta_of(item_or_meta)
     family = meta.get("family")
     if family not in FAMILIES:
@@ -349,11 +353,53 @@ def grade(item_or_meta: TaskItem | dict, prediction: str) -> float:
     if FAMILIES[family].exact:
         if "gold" not in meta:
             raise ValueError(f"grade: meta for family {family!r} has no 'gold' answer")
-        return 1.0 if oracle.answer_correct(prediction, meta["gold"]) else 0.0
+        if oracle.answer_correct(prediction, meta["gold"]):
+            return 1.0
+        return partial_credit(family, prediction, meta["gold"]) if partial else 0.0
     if "spec" not in meta:
         raise ValueError("grade: write_story meta has no 'spec'")
     consistency = oracle.consistency_score(prediction, meta["spec"])
     return float(consistency) * float(oracle.grammar_score(prediction))
+
+PARTIAL_MAX = 0.5
+_INT = re.compile(r"-?\d+")
+_ARTICLES = {"a", "an", "the"}  # dropped before F1, as SQuAD does
+
+
+def _token_f1(pred: list[str], gold: list[str]) -> float:
+    """SQuAD-style bag-of-words F1."""
+    common = sum(min(pred.count(w), gold.count(w)) for w in set(pred))
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def partial_credit(family: str, prediction: str, gold: str) -> float:
+    """Credit in [0, PARTIAL_MAX] for a wrong answer to an exact family, by how near it is.
+
+    Numbers (arithmetic, count_words, count_letters): the first integer of the answer, scored
+    ``1 - |pred - gold| / (|gold| + 2)`` (no number: 0). reverse_words: the share of the gold
+    positions holding the right word. story_qa, summary: bag-of-words F1 against the gold answer.
+    The result is scaled by PARTIAL_MAX.
+    """
+    pred, gold_n = oracle.normalize_answer(prediction), oracle.normalize_answer(gold)
+    if not pred:
+        return 0.0
+    if family in ("arithmetic", "count_words", "count_letters"):
+        match = _INT.search(pred)
+        if match is None:
+            return 0.0
+        target = int(gold_n)
+        closeness = max(0.0, 1.0 - abs(int(match.group(0)) - target) / (abs(target) + 2))
+    elif family == "reverse_words":
+        p, g = re.findall(r"[a-z']+", pred), re.findall(r"[a-z']+", gold_n)
+        closeness = sum(a == b for a, b in zip(p, g)) / max(len(g), len(p), 1)
+    else:
+        words = lambda t: [w for w in re.findall(r"[a-z0-9']+", t) if w not in _ARTICLES]  # noqa: E731
+        closeness = _token_f1(words(pred), words(gold_n))
+    return PARTIAL_MAX * closeness
+
 
 # ------------------------------------------------------------------------------------------------
 # chat demonstrations
