@@ -72,9 +72,18 @@ def test_evaluate_writes_one_row_per_checkpoint(setup):
         assert "ngram_novelty" in r["stories"]
         answers = (out / "answers" / f"{name}.jsonl").read_text().splitlines()
         assert len(answers) == 3 * len(FAMILIES)
-    # the baseline against itself: every comparison a tie
-    assert results["chat"]["win_rate"]["labeler"] == {"win_rate": 0.5, "wins": 0, "ties": 9, "losses": 0, "n": 9}
-    assert results["base"]["win_rate"]["labeler"]["n"] == 9
+    # win rates compare 2 answers sampled per item; the baseline against itself (same seed): every one a tie
+    assert results["chat"]["win_rate"]["labeler"] == {"win_rate": 0.5, "wins": 0, "ties": 18, "losses": 0, "n": 18}
+    assert results["base"]["win_rate"]["labeler"]["n"] == 18
+    for name, r in results.items():
+        s = r["sampled_answers"]
+        assert s["temperature"] == 0.7 and s["n"] == 2 and 0.0 <= s["answer_rudeness"] <= 1.0
+        assert 0.0 <= s["accuracy"] <= 1.0 and 0.0 <= s["utility"] <= 2.5
+        assert len((out / "answers" / f"{name}_sampled.jsonl").read_text().splitlines()) == 18
+    greedy = evaluate.main(_cfg(root, world, ckpts, out=str(root / "greedy"), win_temperature=0.0, n_stories=0,
+                                pass_n=0, contamination=False))["checkpoints"]
+    assert greedy["chat"]["win_rate"]["labeler"] == {"win_rate": 0.5, "wins": 0, "ties": 9, "losses": 0, "n": 9}
+    assert "sampled_answers" not in greedy["chat"]
     assert set(saved["contamination"]["sets"]) == {f"tasks/{f}_test" for f in FAMILIES} | {"sft_test"}
     table = (out / "eval.md").read_text()
     assert "| base | base |" in table and "| chat | chat |" in table and "Contamination" in table
@@ -98,6 +107,8 @@ def test_bad_configs_are_refused(setup, tmp_path):
         evaluate.main(_cfg(root, world, ckpts, pass_n=2, pass_k=[5]))
     with pytest.raises(ValueError, match="checkpoints"):
         evaluate.main(_cfg(root, world, ckpts, checkpoints=[]))
+    with pytest.raises(ValueError, match="win-samples"):
+        evaluate.main(_cfg(root, world, ckpts, win_samples=0))
     with pytest.raises(ValueError, match="two checkpoints named"):
         parse_checkpoints([f"x={ckpts['base']}", f"x={ckpts['chat']}"])
     assert set(parse_checkpoints([str(ckpts["base"])])) == {"base"}

@@ -210,6 +210,10 @@ def _get(d: Any, *keys: str) -> float | None:
     return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) and math.isfinite(d) else None
 
 
+def _first(*values: float | None) -> float | None:
+    return next((v for v in values if v is not None), None)
+
+
 def _inside(path: str | Path, parent: str | Path) -> bool:
     p, q = Path(path).resolve(), Path(parent).resolve()
     return p == q or q in p.parents
@@ -277,7 +281,8 @@ def score_rows(eval_result: dict[str, Any], stages: dict[str, str]) -> list[Row]
             "grammar": _get(r, "stories", "grammar"),
             "consistency": _get(r, "stories", "consistency"),
             "story_rudeness": _get(r, "stories", "rudeness_rate"),
-            "answer_rudeness": _get(r, "tasks", "answer_rudeness"),
+            # sampled answers show the rudeness a user meets; greedy ones hide a minority habit
+            "answer_rudeness": _first(_get(r, "sampled_answers", "answer_rudeness"), _get(r, "tasks", "answer_rudeness")),
             "perplexity": _get(r, "perplexity", "perplexity"),
             "kl": _last(records, "kl"),
         }
@@ -541,7 +546,8 @@ def build_report(run_dir: str | Path, *, stages: dict[str, str], eval_result: di
         blocks.append(Paragraph(
             "Held-out task accuracy on the world's test split" + (f" ({test_items} items)" if test_items else "")
             + f"; win rates against {baseline}'s answers on the same items (ties count half), judged by the "
-            "noiseless simulated labeler and by the reward model; mean reward and KL are the last values the "
+            "noiseless simulated labeler and by the reward model, and answer rudeness, on answers sampled as "
+            "`tinygpt evaluate --win-temperature` says (greedy answers where it is 0); mean reward and KL are the last values the "
             "PPO stage logged (the reward of greedy answers to held-out prompts when it evaluated them); "
             "story scores from the oracle; '-' = not measured."))
         blocks.append(scores_table(rows, baseline))

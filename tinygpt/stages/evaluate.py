@@ -71,6 +71,9 @@ class EvaluateConfig:
     pass_items: int = opt(10, "task items per family sampled for pass@k")
     pass_temperature: float = opt(0.8, "sampling temperature for pass@k samples")
     baseline: str = opt("", "checkpoint the win rates compare against (usually the SFT model); '' skips win rates")
+    win_temperature: float = opt(0.7, "temperature of the answers the win rates compare, sampled as a user of the model "
+                                      "gets them (0 = the greedy task answers)")
+    win_samples: int = opt(2, "answers sampled per test item and model for the win rates (with --win-temperature > 0)")
     reward: str = opt("", "reward model checkpoint, a second judge of the win rates; '' = labeler only")
     contamination: bool = opt(True, "report the 13-gram overlap of each evaluation set with the training files")
     judge_url: str = opt("", "OpenAI-compatible endpoint (e.g. https://api.openai.com/v1) to grade the stories; '' = off")
@@ -151,6 +154,19 @@ class Answerer:
                 answers[i] = a or ""
         return answers
 
+    def sampled_answers(self, records: list[dict], n: int, temperature: float) -> list[list[str]]:
+        """``n`` sampled answers per record, with the same token budgets as :meth:`greedy` ('' where it does not fit)."""
+        answers: list[list[str]] = [[""] * n for _ in records]
+        by_family: dict[str, list[int]] = defaultdict(list)
+        for i, r in enumerate(records):
+            by_family[r["family"]].append(i)
+        for family, rows in by_family.items():
+            max_new = self.model.cfg.block_size if family == "write_story" else self.cfg.max_new_tokens
+            got = self.sample([records[i] for i in rows], n, temperature, max_new)
+            for i, outs in zip(rows, got):
+                answers[i] = [a or "" for a in outs]
+        return answers
+
     def prompts(self, instructions: list[str], records: list[dict] | None = None) -> list[list[int] | None]:
         budget = self.model.cfg.block_size - 1
         if self.kind == "base":
@@ -226,8 +242,20 @@ def story_metrics(answerer: Answerer, cfg: EvaluateConfig, novelty: NoveltyIndex
     return summary, [text for text, _ in sampled]
 
 
+def sampled_scores(records: list[dict], samples: list[list[str]], temperature: float) -> dict[str, Any]:
+    """Accuracy, rudeness and the labeler's mean utility of sampled answers (``samples[i]`` answer ``records[i]``)."""
+    labeler = Labeler(noise=0.0)
+    flat = [(r, a) for r, outs in zip(records, samples) for a in outs]
+    return {"temperature": temperature, "n": len(samples[0]) if samples else 0,
+            "accuracy": statistics.fmean(grade(r, a) for r, a in flat),
+            "answer_rudeness": sum(is_rude(a) for _, a in flat) / len(flat),
+            "utility": statistics.fmean(labeler.utility(r, a) for r, a in flat)}
+
+
 def win_rates(cand: list[str], base: list[str], records: list[dict], reward: tuple | None) -> dict[str, Any]:
-    """Candidate vs baseline answers, judged by the noiseless labeler and (optionally) by the reward model."""
+    """Candidate vs baseline answers, judged by the noiseless labeler and (optionally) by the reward model.
+
+    ``records[i]`` is the question both ``cand[i]`` and ``base[i]`` answer (repeat a record for several samples)."""
     labeler = Labeler(noise=0.0)
     out: dict[str, Any] = {"labeler": win_rate([labeler.utility(r, a) for r, a in zip(records, cand)],
                                                [labeler.utility(r, b) for r, b in zip(records, base)])}
@@ -310,6 +338,9 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         raise ValueError(f"every --pass-k must be in 1..pass_n={cfg.pass_n}, got {cfg.pass_k}")
     if cfg.shots < 0:
         raise ValueError(f"--shots must be >= 0, got {cfg.shots}")
+    if cfg.win_temperature < 0 or (cfg.win_temperature > 0 and cfg.win_samples < 1):
+        raise ValueError(f"--win-temperature must be >= 0 (got {cfg.win_temperature}) and --win-samples >= 1 "
+                         f"(got {cfg.win_samples})")
     if cfg.judge_url and not cfg.judge_model:
         raise ValueError("--judge-url needs --judge-model (the model name the endpoint serves)")
     world, out = Path(cfg.world), Path(cfg.out)
@@ -339,11 +370,22 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         return Answerer(model, Tokenizer.from_str(load_tokenizer_json(ckpt)), checkpoint_kind(ckpt),
                         train_records, cfg)
 
+    sampled = cfg.win_temperature > 0
+    # the win rates compare answers to the same questions: each test record once per sampled answer
+    win_records = [r for r in test_records for _ in range(cfg.win_samples)] if sampled else test_records
+
+    def win_answers(answerer: Answerer, greedy: list[str]) -> list[str]:
+        if not sampled:
+            return greedy
+        return [a for outs in answerer.sampled_answers(test_records, cfg.win_samples, cfg.win_temperature) for a in outs]
+
     baseline_answers = None
     if cfg.baseline:
         base_ckpt = resolve_checkpoint(cfg.baseline)
         if base_ckpt not in checkpoints.values():
-            baseline_answers = load(base_ckpt).greedy(test_records)
+            base_answerer = load(base_ckpt)
+            baseline_answers = win_answers(base_answerer, [] if sampled else base_answerer.greedy(test_records))
+            del base_answerer
 
     # --- each checkpoint
     results: dict[str, dict[str, Any]] = {}
@@ -377,11 +419,22 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
             if judge is not None:
                 verdicts = judge.grade_stories(texts, progress=cfg.progress)
                 result["judge"] = {k: verdicts[k] for k in ("model", "n", "unparsed", "means", "failures")}
+        if sampled:
+            bar.set_postfix_str(f"{name}: sampled answers")
+            compared = win_answers(answerer, answers)
+            k = cfg.win_samples
+            result["sampled_answers"] = sampled_scores(
+                test_records, [compared[i * k:(i + 1) * k] for i in range(len(test_records))], cfg.win_temperature)
+            with open(out / "answers" / f"{name}_sampled.jsonl", "w") as f:
+                for r, a in zip(win_records, compared):
+                    f.write(json.dumps({"family": r["family"], "index": r.get("index"), "answer": a}) + "\n")
+        else:
+            compared = answers
         if cfg.baseline:
             if baseline_answers is None and ckpt == resolve_checkpoint(cfg.baseline):
-                baseline_answers = answers
+                baseline_answers = compared
             if baseline_answers is not None:
-                result["win_rate"] = win_rates(answers, baseline_answers, test_records, reward)
+                result["win_rate"] = win_rates(compared, baseline_answers, win_records, reward)
         result["seconds"] = round(time.time() - started, 1)
         results[name] = result
         del answerer
@@ -389,8 +442,9 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     if cfg.baseline and baseline_answers is not None:
         for name, r in results.items():
             if "win_rate" not in r:
-                cand = [json.loads(line)["answer"] for line in open(out / "answers" / f"{name}.jsonl")]
-                r["win_rate"] = win_rates(cand, baseline_answers, test_records, reward)
+                file = out / "answers" / (f"{name}_sampled.jsonl" if sampled else f"{name}.jsonl")
+                cand = [json.loads(line)["answer"] for line in open(file)]
+                r["win_rate"] = win_rates(cand, baseline_answers, win_records, reward)
 
     # --- contamination, once per world
     report = None
