@@ -197,6 +197,30 @@ def test_grad_accum_equals_one_big_batch(world, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
+def test_ddp_two_ranks_equal_one_process(world, tmp_path):
+    """torchrun with 2 gloo ranks of 4 conversations == 1 process with batches of 8 (token-weighted loss)."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["--init", str(world["init"]), "--data", str(world["root"] / "train.jsonl"), "--max-steps", "3",
+            "--warmup-steps", "2", "--lr", "3e-3", "--eval-every", "100", "--log-every", "1", "--save-every", "100",
+            "--device", "cpu", "--dtype", "float32", "--progress", "false", "--seed", "5"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+           "-m", "tinygpt.cli", "sft", "--out", str(tmp_path / "ddp"), "--batch-size", "4", *args]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sft.main(_cfg(world, tmp_path / "single", batch_size=8, max_steps=3))
+    ddp, single = _losses(tmp_path / "ddp"), _losses(tmp_path / "single")
+    assert [s for s, _ in ddp] == [s for s, _ in single] == [1, 2, 3]
+    for (_, a), (_, b) in zip(ddp, single):
+        assert abs(a - b) < 1e-5
+    a, b = _weights(tmp_path / "ddp"), _weights(tmp_path / "single")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
 def test_epochs_set_max_steps_and_val_loss_is_logged(world, tmp_path):
     result = sft.main(_cfg(world, tmp_path / "ep", max_steps=0, epochs=1.0, batch_size=8,
                            eval_data=str(world["root"] / "val.jsonl"), eval_every=3))
