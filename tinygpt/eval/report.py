@@ -355,12 +355,11 @@ def read_table(rows: list[Row], baseline: str = "SFT") -> list[str]:
             out.append(f"{row.label} {_change('raised', 'lowered', a, b)} held-out task accuracy compared with "
                        f"{ref.label}: {a:.3f} to {b:.3f} ({b - a:+.3f}).")
         for key, what in (("story_rudeness", "the rudeness rate of sampled stories"),
-                          ("answer_rudeness", "the rudeness rate of task answers")):
+                          ("answer_rudeness", "the rudeness rate of its task answers")):
             a, b = ref.scores.get(key), row.scores.get(key)
             if a is not None and b is not None:
                 out.append(f"{row.label} {_change('raised', 'lowered', a, b)} {what} compared with {ref.label}: "
                            f"{a:.3f} to {b:.3f}.")
-                break
         win, win_rm = row.scores.get("win_labeler"), row.scores.get("win_rm")
         if win is not None and row.label != baseline:
             rm = f" (reward model: {win_rm:.0%})" if win_rm is not None else ""
