@@ -3,15 +3,18 @@
 InstructGPT's step 2 data: for each prompt, K in 4..9 completions are shown to a labeler, who ranks
 them best first; the ranking gives K-choose-2 comparisons. Here the policy samples the K answers
 (batched, ``tinygpt.generate`` on the prompt rendered by ``render_chat(add_generation_prompt=True)``,
-stopping at ``<|end|>`` or EOS), and ``tinygpt.world.labeler.Labeler`` ranks them from the oracle's
-utility plus Gumbel noise (``--labeler-noise``; the default makes two labelers agree on ~73% of
-pairs, as InstructGPT's labelers did).
+stopping at ``<|end|>`` or EOS); every answer is scored by the oracle first, then
+``tinygpt.world.labeler.Labeler`` ranks them: the oracle's utility (near misses get partial credit)
+plus Gumbel noise, with answers of (nearly) equal utility tied in one tier that makes no pair. The
+noise is set, by default, so that two labelers would agree on 73% of the pairs actually compared
+(``--labeler-agreement``; InstructGPT's labelers agreed on 72.6%), or fixed with ``--labeler-noise``.
 
 Writes into OUT:
     rankings.jsonl, rankings_val.jsonl   {"prompt", "completions", "ranking", "utilities", "family", "index", "meta"}
     pairs.jsonl, pairs_val.jsonl         {"prompt", "chosen", "rejected", "family", "index"}: all K-choose-2 pairs
                                          of each ranking (tied and identical answers give no pair, and are counted)
-    summary.json                         counts, mean oracle utility / helpfulness of the samples, tie shares
+    summary.json                         counts, mean oracle utility / helpfulness, tie shares, the noise used
+                                         and the label accuracy and agreement it gives on these pairs
 A seeded share of the prompts (``--val-fraction``) goes to the ``_val`` files only, so the reward
 model's held-out accuracy is measured on prompts it never saw.
 
