@@ -88,10 +88,14 @@ def test_lora_sft_changes_only_adapters_and_merge_matches(world, tmp_path):
         assert not torch.equal(saved[k], initial[k]), k
     assert json.loads((ckpt / "tinygpt.json").read_text())["lora"] == {"r": 4, "alpha": 8.0, "dropout": 0.0}
 
-    # model.safetensors is the merged model: W + (alpha / r) B A on the projections, and every other
-    # tensor (embeddings, norms, biases) bit-equal to the base: only the adapters trained
+    # model.safetensors is the merged model: W + (alpha / r) B A on the projections, the chat tokens'
+    # embedding rows (tied to the lm_head) as trained, and every other tensor and row (norms, biases, the
+    # other tokens) bit-equal to the base: only the adapters and those rows trained
     init_w, ckpt_w = load_file(str(world["init"] / "model.safetensors")), load_file(str(ckpt / "model.safetensors"))
     assert init_w.keys() == ckpt_w.keys()
+    rows = load_file(str(ckpt / "adapter" / "token_rows.safetensors"))
+    chat = [3, 4, 5, 6]  # <|system|> <|user|> <|assistant|> <|end|>
+    assert rows["ids"].tolist() == chat
     for k in init_w:
         module = k.removesuffix(".weight")
         a_key = f"base_model.model.{module}.lora_A.weight"
@@ -99,6 +103,11 @@ def test_lora_sft_changes_only_adapters_and_merge_matches(world, tmp_path):
             delta = (8.0 / 4) * saved[f"base_model.model.{module}.lora_B.weight"] @ saved[a_key]
             torch.testing.assert_close(ckpt_w[k], init_w[k] + delta, atol=1e-6, rtol=0)
             assert not torch.equal(ckpt_w[k], init_w[k]), k
+        elif k in ("tok_emb.weight", "lm_head.weight"):
+            other = [i for i in range(init_w[k].shape[0]) if i not in chat]
+            assert torch.equal(init_w[k][other], ckpt_w[k][other]), k
+            assert torch.equal(ckpt_w[k][chat], rows["rows"]), k
+            assert not torch.equal(init_w[k][chat[1:]], ckpt_w[k][chat[1:]]), k  # <|system|> may be unused
         else:
             assert torch.equal(init_w[k], ckpt_w[k]), k
 
@@ -119,10 +128,25 @@ def test_lora_resume_is_exact(world, tmp_path):
     losses = [[(r["step"], r["loss"]) for r in read_metrics(Path(p) / "metrics.jsonl") if "loss" in r]
               for p in (tmp_path / "straight", tmp_path / "split")]
     assert losses[0] == losses[1] and len(losses[0]) == 5
-    a, b = (load_file(str(resolve_checkpoint(p) / "adapter" / "adapter_model.safetensors"))
-            for p in (tmp_path / "straight", tmp_path / "split"))
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for name in ("adapter_model.safetensors", "token_rows.safetensors"):
+        a, b = (load_file(str(resolve_checkpoint(p) / "adapter" / name)) for p in (tmp_path / "straight", tmp_path / "split"))
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+
+
+def test_weight_decay_leaves_the_frozen_embedding_rows_alone(world, tmp_path):
+    """The embedding trains only its chat rows; weight decay must not shrink the others."""
+    sft.main(_cfg(world, tmp_path / "wd", weight_decay=0.5))
+    def embedding(path):  # the tied tensor is stored once, under one of its two names
+        weights = load_file(str(path / "model.safetensors"))
+        return weights["tok_emb.weight"] if "tok_emb.weight" in weights else weights["lm_head.weight"]
+
+    init_w, ckpt_w = embedding(world["init"]), embedding(resolve_checkpoint(tmp_path / "wd"))
+    assert torch.equal(init_w[7:], ckpt_w[7:]) and torch.equal(init_w[:3], ckpt_w[:3])
+    sft.main(_cfg(world, tmp_path / "off", lora_chat_tokens=False))  # the old behaviour: every row frozen
+    assert not (resolve_checkpoint(tmp_path / "off") / "adapter" / "token_rows.safetensors").exists()
+    off_w = embedding(resolve_checkpoint(tmp_path / "off"))
+    assert torch.equal(init_w, off_w)
 
 
 def test_full_fine_tuning_changes_every_parameter(world, tmp_path):

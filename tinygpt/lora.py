@@ -5,8 +5,11 @@ LoRA freezes the base weights W and learns a low-rank update: the layer computes
 starts from the base model exactly. This module owns:
 
   * :func:`wrap`: a GPT -> ``peft.PeftModel`` with adapters on every attention and MLP projection
-    (``attn.qkv``, ``attn.proj``, ``mlp.fc``, ``mlp.proj``; embeddings, norms and the tied lm_head
-    stay frozen);
+    (``attn.qkv``, ``attn.proj``, ``mlp.fc``, ``mlp.proj``; norms stay frozen, and so do the
+    embeddings, except the rows of ``train_token_ids``: the chat tokens a base model pretrained on
+    plain text has never seen. Their rows are trained in place, in the embedding the lm_head is tied
+    to, so training and the merged model compute the same thing; they are saved beside the adapter
+    as ``adapter/token_rows.safetensors``);
   * :func:`merged_copy` / :func:`merge`: ``merge_and_unload`` into a plain GPT (W + (alpha / r) B A);
   * :func:`save_adapter` / :func:`load_adapter`: adapters in peft's own format
     (``adapter/adapter_config.json`` + ``adapter/adapter_model.safetensors``) inside a checkpoint;
@@ -28,7 +31,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -47,12 +50,14 @@ if TYPE_CHECKING:
 TARGET_MODULES = ("qkv", "proj", "fc")
 ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TOKEN_ROWS = "token_rows.safetensors"  # {"ids": (k,), "rows": (k, d_model)}: trained embedding rows
 
 
 def wrap(model: GPT, *, r: int, alpha: float, dropout: float = 0.0,
-         target_modules: tuple[str, ...] = TARGET_MODULES) -> PeftModel:
+         target_modules: tuple[str, ...] = TARGET_MODULES, train_token_ids: Sequence[int] = ()) -> PeftModel:
     """Freeze ``model`` and add rank-``r`` adapters to its projections (in place; returns the wrapper).
 
+    ``train_token_ids``: embedding rows that train too (every other row keeps a zero gradient).
     The adapters' A matrices are drawn from torch's global RNG, so seed before calling."""
     if r < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {r}")
@@ -64,7 +69,52 @@ def wrap(model: GPT, *, r: int, alpha: float, dropout: float = 0.0,
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                         bias="none")
-    return get_peft_model(model, config)
+    wrapped = get_peft_model(model, config)
+    if train_token_ids:
+        _train_token_rows(inner_model(wrapped), train_token_ids)
+    return wrapped
+
+
+def _train_token_rows(gpt: GPT, token_ids: Sequence[int]) -> None:
+    """Let the embedding rows of ``token_ids`` train: the whole tensor requires grad, a hook zeroes the
+    gradient of every other row, and the tensor is marked for no weight decay (a zero gradient with
+    decay would still shrink the frozen rows)."""
+    ids = sorted({int(i) for i in token_ids})
+    weight = gpt.tok_emb.weight
+    if ids[0] < 0 or ids[-1] >= weight.shape[0]:
+        raise ValueError(f"train_token_ids must be in [0, {weight.shape[0]}), got {ids}")
+    keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    keep[ids] = 1.0
+    weight.requires_grad_(True)
+    weight.register_hook(lambda grad: grad * keep)
+    weight.no_weight_decay = True  # read by optim.param_groups
+    gpt.lora_token_ids = ids
+
+
+def _save_token_rows(model: PeftModel, directory: Path) -> None:
+    ids = getattr(inner_model(model), "lora_token_ids", None)
+    if ids:
+        from safetensors.torch import save_file
+
+        rows = inner_model(model).tok_emb.weight.detach()[ids].contiguous().cpu()
+        save_file({"ids": torch.tensor(ids, dtype=torch.int64), "rows": rows}, str(directory / TOKEN_ROWS))
+
+
+def _load_token_rows(model: PeftModel, adapter_dir: Path) -> None:
+    """Put the saved embedding rows back; refuse a model that trains rows the checkpoint lacks."""
+    path = adapter_dir / TOKEN_ROWS
+    expected = getattr(inner_model(model), "lora_token_ids", None)
+    if not path.is_file():
+        if expected:
+            raise CheckpointError(f"missing file: {path} (this run trains the embedding rows {expected})")
+        return
+    saved = load_file(str(path))
+    ids = saved["ids"].tolist()
+    if expected is not None and ids != expected:
+        raise CheckpointError(f"{path}: embedding rows {ids}, but this run trains {expected}")
+    weight = inner_model(model).tok_emb.weight
+    with torch.no_grad():
+        weight[ids] = saved["rows"].to(weight.device, weight.dtype)
 
 
 def inner_model(model: torch.nn.Module) -> GPT:
@@ -122,6 +172,7 @@ def save_adapter(model: PeftModel, checkpoint_dir: str | Path, base: str | Path)
     for config in model.peft_config.values():
         config.base_model_name_or_path = str(base)
     model.save_pretrained(str(tmp), safe_serialization=True)
+    _save_token_rows(model, tmp)
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
@@ -147,6 +198,7 @@ def load_adapter(model: PeftModel, checkpoint: str | Path, *, device: str | torc
     expected = set(adapter_state(model))
     if expected != set(state):
         raise CheckpointError(f"{weights}: adapter does not match the model (missing {sorted(expected - set(state))[:5]})")
+    _load_token_rows(model, weights.parent)
 
 
 def load_adapter_model(checkpoint: str | Path, *, device: str | torch.device = "cpu",
@@ -167,4 +219,7 @@ def load_adapter_model(checkpoint: str | Path, *, device: str | torch.device = "
     except CheckpointError as e:
         raise CheckpointError(f"{ckpt}: the adapter's base checkpoint {init} cannot be loaded ({e}); "
                               f"{ckpt / 'model.safetensors'} still holds the merged model") from None
-    return PeftModel.from_pretrained(base, str(adapter), is_trainable=is_trainable).to(device)
+    model = PeftModel.from_pretrained(base, str(adapter), is_trainable=is_trainable).to(device)
+    if (adapter / TOKEN_ROWS).is_file():
+        _load_token_rows(model, adapter)
+    return model

@@ -15,13 +15,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices (linear and embedding weights), none on biases, norms and gains.
 
     The GPT-2/nanoGPT rule: every parameter with 2 or more dimensions decays; 1-D ones do not.
-    Parameters that do not require grad (a frozen base under LoRA) are left out.
+    Parameters that do not require grad (a frozen base under LoRA) are left out; a parameter marked
+    ``no_weight_decay`` (an embedding of which LoRA trains a few rows) never decays.
     """
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        (decay if p.dim() >= 2 and not getattr(p, "no_weight_decay", False) else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

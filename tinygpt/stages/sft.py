@@ -70,6 +70,9 @@ class SFTConfig:
     lora_r: int = opt(0, "LoRA rank; 0 = full fine-tuning (every weight trains)")
     lora_alpha: float = opt(16.0, "LoRA scale numerator: the update is (alpha / r) * B A")
     lora_dropout: float = opt(0.0, "dropout on the LoRA branch input")
+    lora_chat_tokens: bool = opt(True, "with LoRA, also train the embedding rows of <|system|> <|user|> <|assistant|> "
+                                       "<|end|>: a base model pretrained on plain text never saw them, and frozen "
+                                       "they leave LoRA unable to learn the chat format")
     merge_lora: bool = opt(False, "after LoRA training, also write OUT/merged: the merged model alone (no adapter/, "
                                   "no trainer state), e.g. for export")
     # bookkeeping
@@ -129,7 +132,9 @@ def main(cfg: SFTConfig) -> dict[str, Any]:
         raise CheckpointError(f"{cfg.init}: tokenizer has {tokenizer.vocab_size} tokens, model {mcfg.vocab_size}")
     init_meta = load_meta(cfg.init)
     if cfg.lora_r > 0:
-        model = lora.wrap(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+        chat_ids = ([tokenizer.system_id, tokenizer.user_id, tokenizer.assistant_id, tokenizer.end_id]
+                    if cfg.lora_chat_tokens else [])
+        model = lora.wrap(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, train_token_ids=chat_ids)
     gpt = lora.inner_model(model)  # the GPT whose forward we call (with the adapters when LoRA is on)
 
     # --- data ------------------------------------------------------------------------------
@@ -160,6 +165,8 @@ def main(cfg: SFTConfig) -> dict[str, Any]:
 
     metrics = MetricsWriter(out, resume_step=start_step if cfg.resume else None, enabled=dist_info.is_main)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if cfg.lora_r > 0 and getattr(gpt, "lora_token_ids", None):  # of the embedding, only those rows train
+        trainable -= gpt.tok_emb.weight.numel() - len(gpt.lora_token_ids) * gpt.tok_emb.weight.shape[1]
     if dist_info.is_main:
         mode = f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha}" if cfg.lora_r else "full fine-tuning"
         s = train.stats
