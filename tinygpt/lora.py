@@ -220,6 +220,5 @@ def load_adapter_model(checkpoint: str | Path, *, device: str | torch.device = "
         raise CheckpointError(f"{ckpt}: the adapter's base checkpoint {init} cannot be loaded ({e}); "
                               f"{ckpt / 'model.safetensors'} still holds the merged model") from None
     model = PeftModel.from_pretrained(base, str(adapter), is_trainable=is_trainable).to(device)
-    if (adapter / TOKEN_ROWS).is_file():
-        _load_token_rows(model, adapter)
+    _load_token_rows(model, adapter)  # the trained chat-token rows, if the run had them
     return model

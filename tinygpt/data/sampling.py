@@ -1,11 +1,22 @@
 """Which examples a batch holds: a pure function of (seed, step, rank), so resuming needs only the step.
 
-Knows nothing about what the examples are; chat and preference datasets share it.
+Knows nothing about what the examples are; chat and preference datasets share it, and token
+shards share its argument checks.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def check_batch_position(step: int, batch_size: int, *, seed: int, rank: int, world_size: int) -> None:
+    """Refuse a batch request no sampler can serve: the arguments every pure-function batcher takes."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if step < 0 or seed < 0:
+        raise ValueError(f"step and seed must be >= 0, got step={step}, seed={seed}")
 
 
 def epoch_indices(n: int, step: int, batch_size: int, *, seed: int = 0, rank: int = 0,
@@ -19,12 +30,7 @@ def epoch_indices(n: int, step: int, batch_size: int, *, seed: int = 0, rank: in
     """
     if n < 1:
         raise ValueError("no examples to draw batches from")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    if step < 0 or seed < 0:
-        raise ValueError(f"step and seed must be >= 0, got step={step}, seed={seed}")
+    check_batch_position(step, batch_size, seed=seed, rank=rank, world_size=world_size)
     first = step * batch_size * world_size + rank * batch_size
     out, perms = [], {}
     for p in range(first, first + batch_size):

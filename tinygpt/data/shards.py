@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tinygpt.data.sampling import check_batch_position
 from tinygpt.data.sources import ReadStats, iter_documents
 from tinygpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -246,12 +247,7 @@ class TokenDataset:
 
         A pure function of ``(seed, step)`` and the data: this rank's slice of the global batch."""
         self._check_window(block_size)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if step < 0 or seed < 0:
-            raise ValueError(f"step and seed must be >= 0, got step={step}, seed={seed}")
+        check_batch_position(step, batch_size, seed=seed, rank=rank, world_size=world_size)
         rng = np.random.default_rng([seed, step])
         starts = rng.integers(0, self.num_tokens - block_size, size=batch_size * world_size)  # (B * world,)
         return self._windows(starts[rank * batch_size:(rank + 1) * batch_size], block_size)

@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tqdm.auto import tqdm
 
@@ -135,14 +135,18 @@ class Answerer:
     def __init__(self, model: GPT, tokenizer: Tokenizer, kind: str, train_records: list[dict], cfg: EvaluateConfig):
         self.model, self.tok, self.kind, self.train, self.cfg = model, tokenizer, kind, train_records, cfg
 
-    def greedy(self, records: list[dict]) -> list[str]:
-        """One greedy answer per record ('' where the question does not fit the context)."""
-        answers: list[str] = [""] * len(records)
+    def _by_family(self, records: list[dict]) -> Iterator[tuple[list[int], int]]:
+        """(row indices, answer token budget) per family: write_story answers get up to the context."""
         by_family: dict[str, list[int]] = defaultdict(list)
         for i, r in enumerate(records):
             by_family[r["family"]].append(i)
         for family, rows in by_family.items():
-            max_new = self.model.cfg.block_size if family == "write_story" else self.cfg.max_new_tokens
+            yield rows, self.model.cfg.block_size if family == "write_story" else self.cfg.max_new_tokens
+
+    def greedy(self, records: list[dict]) -> list[str]:
+        """One greedy answer per record ('' where the question does not fit the context)."""
+        answers: list[str] = [""] * len(records)
+        for rows, max_new in self._by_family(records):
             subset = [records[i] for i in rows]
             if self.kind == "chat":
                 got: list[str | None] = list(answer(self.model, self.tok, [r["instruction"] for r in subset],
@@ -157,11 +161,7 @@ class Answerer:
     def sampled_answers(self, records: list[dict], n: int, temperature: float) -> list[list[str]]:
         """``n`` sampled answers per record, with the same token budgets as :meth:`greedy` ('' where it does not fit)."""
         answers: list[list[str]] = [[""] * n for _ in records]
-        by_family: dict[str, list[int]] = defaultdict(list)
-        for i, r in enumerate(records):
-            by_family[r["family"]].append(i)
-        for family, rows in by_family.items():
-            max_new = self.model.cfg.block_size if family == "write_story" else self.cfg.max_new_tokens
+        for rows, max_new in self._by_family(records):
             got = self.sample([records[i] for i in rows], n, temperature, max_new)
             for i, outs in zip(rows, got):
                 answers[i] = [a or "" for a in outs]
@@ -374,17 +374,16 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     # the win rates compare answers to the same questions: each test record once per sampled answer
     win_records = [r for r in test_records for _ in range(cfg.win_samples)] if sampled else test_records
 
-    def win_answers(answerer: Answerer, greedy: list[str]) -> list[str]:
-        if not sampled:
-            return greedy
-        return [a for outs in answerer.sampled_answers(test_records, cfg.win_samples, cfg.win_temperature) for a in outs]
-
     baseline_answers = None
     if cfg.baseline:
         base_ckpt = resolve_checkpoint(cfg.baseline)
         if base_ckpt not in checkpoints.values():
             base_answerer = load(base_ckpt)
-            baseline_answers = win_answers(base_answerer, [] if sampled else base_answerer.greedy(test_records))
+            if sampled:
+                grouped = base_answerer.sampled_answers(test_records, cfg.win_samples, cfg.win_temperature)
+                baseline_answers = [a for outs in grouped for a in outs]
+            else:
+                baseline_answers = base_answerer.greedy(test_records)
             del base_answerer
 
     # --- each checkpoint
@@ -421,10 +420,9 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
                 result["judge"] = {k: verdicts[k] for k in ("model", "n", "unparsed", "means", "failures")}
         if sampled:
             bar.set_postfix_str(f"{name}: sampled answers")
-            compared = win_answers(answerer, answers)
-            k = cfg.win_samples
-            result["sampled_answers"] = sampled_scores(
-                test_records, [compared[i * k:(i + 1) * k] for i in range(len(test_records))], cfg.win_temperature)
+            grouped = answerer.sampled_answers(test_records, cfg.win_samples, cfg.win_temperature)
+            compared = [a for outs in grouped for a in outs]  # in win_records order
+            result["sampled_answers"] = sampled_scores(test_records, grouped, cfg.win_temperature)
             with open(out / "answers" / f"{name}_sampled.jsonl", "w") as f:
                 for r, a in zip(win_records, compared):
                     f.write(json.dumps({"family": r["family"], "index": r.get("index"), "answer": a}) + "\n")

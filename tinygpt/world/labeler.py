@@ -45,12 +45,13 @@ DEFAULT_TIE_MARGIN = 0.05
 Ranking = list[Union[int, list[int]]]
 
 
-def tiers(utilities: Sequence[float], margin: float) -> list[list[int]]:
-    """Group indices into tiers, best first: each tier holds the completions within ``margin`` of its best one."""
+def tiers(utilities: Sequence[float], margin: float | None) -> list[list[int]]:
+    """Group indices into tiers, best first: each tier holds the completions within ``margin`` of its
+    best one (``margin=None``: no ties, a tier per completion)."""
     order = sorted(range(len(utilities)), key=lambda i: -utilities[i])
     groups: list[list[int]] = []
     for i in order:
-        if groups and utilities[groups[-1][0]] - utilities[i] <= margin:
+        if groups and margin is not None and utilities[groups[-1][0]] - utilities[i] <= margin:
             groups[-1].append(i)
         else:
             groups.append([i])
@@ -105,8 +106,7 @@ class Labeler:
 
     def rank_utilities(self, utilities: Sequence[float]) -> Ranking:
         """A best-first ranking (tied completions in a list) from a Plackett-Luce sample over the tiers."""
-        groups = ([[i] for i in range(len(utilities))] if self.tie_margin is None
-                  else tiers(utilities, self.tie_margin))
+        groups = tiers(utilities, self.tie_margin)
         keyed = []
         for group in groups:
             gumbel = -math.log(-math.log(self.rng.random() or 1e-300) or 1e-300)
@@ -136,8 +136,7 @@ class Labeler:
 def compared_gaps(utilities: Sequence[float], completions: Sequence[str] | None = None,
                   tie_margin: float | None = DEFAULT_TIE_MARGIN) -> list[float]:
     """Utility gaps |u_a - u_b| of the pairs a labeler orders: not tied, and (given the texts) not identical."""
-    groups = [[i] for i in range(len(utilities))] if tie_margin is None else tiers(utilities, tie_margin)
-    tier = {i: t for t, group in enumerate(groups) for i in group}
+    tier = {i: t for t, group in enumerate(tiers(utilities, tie_margin)) for i in group}
     return [abs(utilities[a] - utilities[b]) for a, b in itertools.combinations(range(len(utilities)), 2)
             if tier[a] != tier[b] and (completions is None or completions[a] != completions[b])]
 
