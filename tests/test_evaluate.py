@@ -80,8 +80,9 @@ def test_evaluate_writes_one_row_per_checkpoint(setup):
         assert s["temperature"] == 0.7 and s["n"] == 2 and 0.0 <= s["answer_rudeness"] <= 1.0
         assert 0.0 <= s["accuracy"] <= 1.0 and 0.0 <= s["utility"] <= 2.5
         assert len((out / "answers" / f"{name}_sampled.jsonl").read_text().splitlines()) == 18
+    # the baseline may be named by its --checkpoints NAME instead of its path
     greedy = evaluate.main(_cfg(root, world, ckpts, out=str(root / "greedy"), win_temperature=0.0, n_stories=0,
-                                pass_n=0, contamination=False))["checkpoints"]
+                                pass_n=0, contamination=False, baseline="chat"))["checkpoints"]
     assert greedy["chat"]["win_rate"]["labeler"] == {"win_rate": 0.5, "wins": 0, "ties": 9, "losses": 0, "n": 9}
     assert "sampled_answers" not in greedy["chat"]
     assert set(saved["contamination"]["sets"]) == {f"tasks/{f}_test" for f in FAMILIES} | {"sft_test"}

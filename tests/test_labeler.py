@@ -24,22 +24,40 @@ def test_noiseless_labeler_prefers_correct_kind_fluent_answers():
     near, far = str(gold + 1), str(gold + 40)
     rude = f"{item.answer} {lexicon.RUDE_PHRASES[0]}!"
     ranking = labeler.rank(item.meta, [near, rude, item.answer, "", far])
-    # utilities: correct 1 + 1 (harmless) = 2; a near miss gets partial credit 0.5 * (1 - 1 / (gold + 2))
-    # plus 1; far off and empty get 1 and tie; rude: the appended insult makes the exact answer wrong
-    # (partial credit 0.5 for its number) and costs the harmless point: 0.5. Short answers are not story
-    # sentences: fluent = 0 for all.
-    assert ranking == [2, 0, [3, 4], 1]
-    assert labeler.scores(item.meta, near)["utility"] == pytest.approx(1 + 0.5 * (1 - 1 / (gold + 2)))
-    assert labeler.scores(item.meta, rude) == {"helpful": 0.5, "harmless": 0.0, "fluent": 0.0, "utility": 0.5}
+    # utilities: helpful + harmless + 0.5 * fluent, and a short answer is fluent when it is to the point.
+    # correct: 1 + 1 + 0.5 = 2.5; a near miss: partial credit 0.5 * (1 - 1 / (gold + 2)) + 1 + 0.5; far
+    # off: 0 + 1 + 0.5; rude: the appended insult makes the exact answer wrong (partial credit 0.5 for its
+    # number), costs the harmless point, and is 3 words past the gold answer, still to the point: 1.0,
+    # tied with the empty answer (0 + 1 + 0).
+    assert ranking == [2, 0, 4, [1, 3]]
+    assert labeler.scores(item.meta, near)["utility"] == pytest.approx(1.5 + 0.5 * (1 - 1 / (gold + 2)))
+    assert labeler.scores(item.meta, rude) == {"helpful": 0.5, "harmless": 0.0, "fluent": 1.0, "utility": 1.0}
     story = FAMILIES["write_story"].item(3)
     rude_story = story.answer + " " + lexicon.RUDE_PHRASES[1] + "!"
     assert labeler.scores(story.meta, story.answer)["utility"] == 2.5
     assert labeler.rank(story.meta, [rude_story, story.answer]) == [1, 0]
     assert labeler.prefer(item.meta, item.answer, near) == 0
     assert labeler.prefer(item.meta, near, item.answer) == 1
-    assert labeler.prefer(item.meta, far, "") is None  # equally unhelpful: a tie, no preference
+    assert labeler.prefer(item.meta, far, str(gold + 41)) is None  # equally unhelpful: a tie, no preference
     exact = Labeler(noise=0.0, seed=0, partial_credit=False)
-    assert exact.scores(item.meta, near)["utility"] == 1.0
+    assert exact.scores(item.meta, near)["utility"] == 1.5
+
+
+def test_fluency_is_judged_the_way_the_question_asks_for_the_answer():
+    """A grammatical story is not a fluent answer to a sum: it loses to a wrong number, while a story
+    request is judged on its grammar."""
+    labeler = Labeler(noise=0.0, seed=0)
+    item = FAMILIES["arithmetic"].item(2)
+    story = FAMILIES["write_story"].item(3)
+    far = str(int(item.answer) + 40)
+    assert labeler.scores(item.meta, story.answer)["fluent"] == 0.0
+    assert labeler.prefer(item.meta, story.answer, far) == 1
+    assert labeler.scores(item.meta, f"The answer is {item.answer}")["fluent"] == 1.0
+    assert labeler.scores(story.meta, story.answer)["fluent"] == 1.0
+    garbled = " ".join(reversed(story.answer.split()))
+    assert labeler.scores(story.meta, garbled)["fluent"] < 0.5
+    summary = FAMILIES["summary"].item(4)
+    assert labeler.scores(summary.meta, summary.answer)["utility"] == 2.5
 
 
 def test_tiers_group_utilities_within_the_margin_of_their_best():

@@ -70,7 +70,8 @@ class EvaluateConfig:
     pass_k: list[int] = opt([1, 5], "k values of pass@k, comma-separated (each <= pass_n)")
     pass_items: int = opt(10, "task items per family sampled for pass@k")
     pass_temperature: float = opt(0.8, "sampling temperature for pass@k samples")
-    baseline: str = opt("", "checkpoint the win rates compare against (usually the SFT model); '' skips win rates")
+    baseline: str = opt("", "checkpoint the win rates compare against (usually the SFT model): a NAME of "
+                            "--checkpoints or a path; '' skips win rates")
     win_temperature: float = opt(0.7, "temperature of the answers the win rates compare, sampled as a user of the model "
                                       "gets them (0 = the greedy task answers)")
     win_samples: int = opt(2, "answers sampled per test item and model for the win rates (with --win-temperature > 0)")
@@ -375,8 +376,9 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     win_records = [r for r in test_records for _ in range(cfg.win_samples)] if sampled else test_records
 
     baseline_answers = None
+    base_ckpt = None
     if cfg.baseline:
-        base_ckpt = resolve_checkpoint(cfg.baseline)
+        base_ckpt = checkpoints[cfg.baseline] if cfg.baseline in checkpoints else resolve_checkpoint(cfg.baseline)
         if base_ckpt not in checkpoints.values():
             base_answerer = load(base_ckpt)
             if sampled:
@@ -429,7 +431,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         else:
             compared = answers
         if cfg.baseline:
-            if baseline_answers is None and ckpt == resolve_checkpoint(cfg.baseline):
+            if baseline_answers is None and ckpt == base_ckpt:
                 baseline_answers = compared
             if baseline_answers is not None:
                 result["win_rate"] = win_rates(compared, baseline_answers, win_records, reward)

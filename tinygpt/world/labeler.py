@@ -5,8 +5,15 @@ A labeler scores each completion with the oracle on three axes and combines them
     helpful  = tasks.grade(prompt_meta, completion, partial=True)   in [0, 1]: 1 for the exact answer,
                up to 0.5 for a near miss (a close number, half the words reversed), story consistency
     harmless = 0 if the oracle finds it rude, else 1
-    fluent   = oracle.grammar_score(completion)         in [0, 1]
+    fluent   = oracle.grammar_score(completion)         in [0, 1], where the answer should be prose
+               (write_story, summary); elsewhere 1 if the answer is to the point (at most
+               CONCISE_SLACK words longer than the gold answer), else 0
     utility  = w_helpful * helpful + w_harmless * harmless + w_fluent * fluent
+
+Fluency is judged the way the answer is asked for. A bare "29" is a fluent answer to "What is 13
+plus 16?", and a grammatical story that ignores the question is not: judged by grammar alone, a
+base model's story continuations beat an SFT model's wrong numbers, and a reward model learns to
+pay for prose instead of answers.
 
 Completions whose utilities lie within ``tie_margin`` of the best one of their group are *tied*: the
 labeler puts them in one tier, as the ranking interfaces of human labelers allow, and a tie makes
@@ -32,15 +39,18 @@ from typing import Sequence, Union
 
 from tinygpt.world import lexicon, oracle
 from tinygpt.world.stories import generate_story
-from tinygpt.world.tasks import FAMILIES, TaskItem, grade, misspell
+from tinygpt.world.tasks import FAMILIES, TaskItem, meta_of, grade, misspell
 
 # Calibrated with ``python -m tinygpt.world.labeler`` on 2,000 prompts x K=4 of synthetic completions
 # (correct, wrong, rude and garbled answers), over the pairs that are not tied: noise 0.4 / 0.5 / 0.6 gives
-# agreement 0.774 / 0.728 / 0.680 (0.709 / 0.674 / 0.644 with ties off); noise 0 gives 1.0. See the table
+# agreement 0.783 / 0.732 / 0.693 (0.706 / 0.671 / 0.641 with ties off); noise 0 gives 1.0. See the table
 # printed there and docs/design.md.
 DEFAULT_NOISE = 0.5
 # Utilities closer than this to the best of a tier are tied: a labeler cannot tell them apart.
 DEFAULT_TIE_MARGIN = 0.05
+# An answer to a question that wants a number, a list or a name is to the point (fluent) when it is at
+# most this many words longer than the gold answer: room for "The answer is" or "It is".
+CONCISE_SLACK = 3
 
 Ranking = list[Union[int, list[int]]]
 
@@ -61,6 +71,17 @@ def tiers(utilities: Sequence[float], margin: float | None) -> list[list[int]]:
 def tier_positions(ranking: Ranking) -> dict[int, int]:
     """Completion index -> its tier's position in a ranking (tied completions share one)."""
     return {i: pos for pos, entry in enumerate(ranking) for i in ([entry] if isinstance(entry, int) else entry)}
+
+
+def fluency(prompt_meta: dict | TaskItem, completion: str) -> float:
+    """How well formed an answer is, the way the question asks for it (see the module docstring): the
+    grammar score of prose answers; for a number, a list or a name, 1.0 if it is to the point, else 0.0."""
+    if not completion.strip():
+        return 0.0
+    meta = meta_of(prompt_meta)
+    if FAMILIES[meta["family"]].prose:
+        return float(oracle.grammar_score(completion))
+    return 1.0 if len(completion.split()) <= len(str(meta["gold"]).split()) + CONCISE_SLACK else 0.0
 
 
 @dataclass(frozen=True)
@@ -96,7 +117,7 @@ class Labeler:
             raise TypeError(f"completion must be a str, got {type(completion).__name__}")
         helpful = grade(prompt_meta, completion, partial=self.partial_credit) if completion.strip() else 0.0
         harmless = 0.0 if oracle.is_rude(completion) else 1.0
-        fluent = float(oracle.grammar_score(completion)) if completion.strip() else 0.0
+        fluent = fluency(prompt_meta, completion)
         w = self.weights
         utility = w.helpful * helpful + w.harmless * harmless + w.fluent * fluent
         return {"helpful": helpful, "harmless": harmless, "fluent": fluent, "utility": utility}

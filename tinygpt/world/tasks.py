@@ -128,6 +128,7 @@ class TaskFamily:
 
     name: str = ""
     exact: bool = True  # graded by exact match of the normalized answer
+    prose: bool = False  # the answer is sentences (a labeler judges their grammar), not a number, list or name
 
     def item(self, index: int, seed: int = 0, noise: float = 0.0) -> TaskItem:
         if not isinstance(index, int) or index < 0:
@@ -250,6 +251,7 @@ class StoryQA(TaskFamily):
 
 class Summary(TaskFamily):
     name = "summary"
+    prose = True
     TEMPLATES = ("{story}\n\nSummarize this story in one sentence.", "Summarize the story below in one sentence.\n\n{story}",
                  "{story}\n\nWhat is this story about? Answer in one sentence.")
 
@@ -278,6 +280,7 @@ class WriteStory(TaskFamily):
 
     name = "write_story"
     exact = False
+    prose = True
 
     def _make(self, rng):
         # Draw a reference story first, then ask for a story with a subset of its properties.
@@ -330,7 +333,7 @@ def get_family(name: str) -> TaskFamily:
 # ------------------------------------------------------------------------------------------------
 
 
-def _meta_of(item_or_meta: TaskItem | dict) -> dict:
+def meta_of(item_or_meta: TaskItem | dict) -> dict:
     if isinstance(item_or_meta, TaskItem):
         return item_or_meta.meta
     if not isinstance(item_or_meta, dict):
@@ -346,7 +349,7 @@ def grade(item_or_meta: TaskItem | dict, prediction: str, partial: bool = False)
     ``partial=True`` gives a wrong answer to an exact family :func:`partial_credit` (at most
     ``PARTIAL_MAX`` < 1, so a correct answer always scores more): how a labeler tells a near miss
     from nonsense. Task accuracy uses exact match; the labeler's helpfulness uses partial credit."""
-    meta = _meta_of(item_or_meta)
+    meta = meta_of(item_or_meta)
     family = meta.get("family")
     if family not in FAMILIES:
         raise ValueError(f"grade: meta has no known 'family' (got {family!r}); known: {sorted(FAMILIES)}")
