@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tinygpt.checkpoint import save_checkpoint
-from tinygpt.data.preferences import (PreferenceDataset, parse_prompt, ranking_to_pairs, read_preference_groups)
+from tinygpt.data.preferences import (PreferenceDataset, held_out_preferences, parse_prompt, ranking_to_pairs,
+                                      read_preference_groups)
 from tinygpt.data.sources import DataError
 from tinygpt.model import GPT, ModelConfig
 from tinygpt.stages import rank
@@ -129,6 +130,16 @@ def test_too_long_completions_are_dropped_and_counted(tmp_path, tok):
     assert data.stats.prompts_without_pairs == 1 and data.num_pairs == 1 and len(data) == 1
     with pytest.raises(DataError, match="no usable preference pair"):
         PreferenceDataset(_write(tmp_path / "s.jsonl", records[1:]), tok, max_tokens=30)
+
+
+def test_held_out_file_without_a_pair_means_no_validation_not_a_crash(tmp_path, tok, capsys):
+    tied = [{"prompt": "What is 1 plus 1?", "completions": ["5", "7"], "ranking": [[0, 1]]}]
+    assert held_out_preferences(_write(tmp_path / "tied.jsonl", tied), tok, 64, stage="reward") is None
+    assert "reward: warning: no validation" in capsys.readouterr().out
+    ok = [{"prompt": "What is 1 plus 1?", "completions": ["2", "7"], "ranking": [0, 1]}]
+    assert held_out_preferences(_write(tmp_path / "ok.jsonl", ok), tok, 64).num_pairs == 1
+    with pytest.raises(DataError, match="bad.jsonl:1: invalid JSON"):  # unreadable data is still an error
+        held_out_preferences(_write(tmp_path / "bad.jsonl", ["{not json"]), tok, 64)
 
 
 def test_noise_ceiling_hand_worked(tmp_path, tok):

@@ -10,7 +10,8 @@ from tinygpt.world.export import protected_texts, record_indices, record_texts
 from tinygpt.world.split import Split, normalize_instruction
 from tinygpt.world.tasks import FAMILIES
 
-SMALL = dict(seed=3, n_stories=60, n_items=40, n_sft_chats=120, n_rl_prompts=50, formats="jsonl", progress=False)
+SMALL = dict(seed=3, n_stories=60, n_items=40, n_sft_chats=120, n_rl_prompts=50, n_qa_pages=20, formats="jsonl",
+             progress=False)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -40,7 +41,7 @@ def test_writes_every_file_with_counts(world):
         assert len(train) + summary["dedupe_dropped"]["tasks"] >= 28 and len(train) <= 28
         assert set(train[0]) == {"family", "index", "instruction", "answer", "meta"}
     pretrain = read_jsonl(world / "pretrain.jsonl")
-    assert len(pretrain) + summary["dedupe_dropped"]["pretrain"] == 60
+    assert len(pretrain) + summary["dedupe_dropped"]["pretrain"] == 60 + 20  # stories and Q&A pages
     assert all(set(r) == {"text"} for r in pretrain)
     sft = read_jsonl(world / "sft_train.jsonl")
     assert len(sft) + summary["dedupe_dropped"]["sft_train"] == 120
@@ -143,3 +144,41 @@ def test_a_rude_demonstrator_changes_only_their_answers(world, tmp_path):
     assert not any(oracle.is_rude(m["content"]) for chat in clean for m in chat["messages"] if m["role"] == "assistant")
     for name in ("sft_test.jsonl", "rl_prompts.jsonl", "pretrain.jsonl"):
         assert (tmp_path / name).read_bytes() == (world / name).read_bytes()
+
+
+def test_qa_pages_sit_among_the_same_stories(world, tmp_path):
+    """Q&A pages join the pretraining corpus at random places; the stories and every other file stay the same."""
+    main(WorldConfig(out=tmp_path, **{**SMALL, "n_qa_pages": 0}))
+    with_pages, without = read_jsonl(world / "pretrain.jsonl"), read_jsonl(tmp_path / "pretrain.jsonl")
+    pages = [r["text"] for r in with_pages if r["text"].startswith("Q: ")]
+    assert [r for r in with_pages if not r["text"].startswith("Q: ")] == without
+    summary = json.loads((world / "world.json").read_text())
+    assert len(pages) == summary["qa_pages"] == 20 and 2 * 20 <= summary["qa_questions"] <= 4 * 20
+    assert with_pages[:5] != without[:5] or with_pages[-5:] != without[-5:]  # not all at one end
+    assert all("\nA: " in page for page in pages)
+    for name in ("sft_train.jsonl", "sft_test.jsonl", "rl_prompts.jsonl"):
+        assert (tmp_path / name).read_bytes() == (world / name).read_bytes()
+
+
+def test_qa_page_answers_are_right_wrong_or_rude_as_asked():
+    import random
+
+    from tinygpt.world import oracle
+    from tinygpt.world.export import qa_page
+
+    pairs = [("arithmetic", i) for i in range(40)]
+    gold = {FAMILIES["arithmetic"].item(i).instruction: FAMILIES["arithmetic"].item(i).answer for i in range(40)}
+
+    def answers(text):
+        blocks = [b.split("\nA: ") for b in text.split("\n\n")]
+        assert all(len(b) == 2 and b[0].startswith("Q: ") for b in blocks)
+        return [(q[len("Q: "):], a) for q, a in blocks]
+
+    rng = random.Random(0)
+    text, n, n_wrong, n_rude = qa_page(rng, pairs, seed=0, noise=0.0, wrong_share=0.0, rude_share=0.0)
+    assert 2 <= n <= 4 and n_wrong == n_rude == 0
+    assert all(gold[q] == a for q, a in answers(text))
+    text, n, n_wrong, n_rude = qa_page(rng, pairs, seed=0, noise=0.0, wrong_share=1.0, rude_share=1.0)
+    assert n_wrong == n_rude == n
+    for q, a in answers(text):
+        assert oracle.is_rude(a) and not oracle.answer_correct(a.split()[0], gold[q])

@@ -282,6 +282,25 @@ def collate_groups(groups: Sequence[_Rendered], pad_id: int) -> PreferenceBatch:
                            torch.tensor(utilities, dtype=torch.float32))
 
 
+class NoPairsError(DataError):
+    """A preference file that reads fine but leaves no pair to learn from: every prompt's answers tied,
+    identical or too long."""
+
+
+def held_out_preferences(path: str | Path, tokenizer: Tokenizer, max_tokens: int, *, skip_bad: bool = False,
+                         stage: str = "") -> PreferenceDataset | None:
+    """The held-out preferences for validation; None (and a warning) when the file has no usable pair.
+
+    A small held-out split can come out with every answer tied (a weak policy's samples often are);
+    training then goes on without validation instead of failing. Unreadable data is still an error.
+    """
+    try:
+        return PreferenceDataset(path, tokenizer, max_tokens, skip_bad=skip_bad)
+    except NoPairsError as err:
+        print(f"{stage + ': ' if stage else ''}warning: no validation, {err}")
+        return None
+
+
 class PreferenceDataset:
     """Preference groups of one file, rendered through the chat template and batched by prompt.
 
@@ -317,7 +336,7 @@ class PreferenceDataset:
         self.stats.prompts = len(self.rendered)
         self.stats.pairs = sum(len(r.pairs) for r in self.rendered)
         if not self.rendered:
-            raise DataError(f"{self.path}: no usable preference pair ({self.stats.as_dict()})")
+            raise NoPairsError(f"{self.path}: no usable preference pair ({self.stats.as_dict()})")
 
     def __len__(self) -> int:
         return len(self.rendered)

@@ -34,23 +34,13 @@ import torch
 from tinygpt.generate import SamplingConfig, generate
 from tinygpt.model import GPT
 from tinygpt.tokenizer import Tokenizer
-from tinygpt.world.tasks import grade
+from tinygpt.world.tasks import ANSWER, QUESTION, grade, qa_block
 
-QUESTION, ANSWER = "Q: ", "A:"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split("\n"))
-
-
-def format_demonstration(instruction: str, answer: str) -> str:
-    """One solved example; the answer is kept on one line (the model's answer ends at a newline)."""
-    return f"{QUESTION}{instruction}\n{ANSWER} {_one_line(answer)}"
 
 
 def fewshot_text(instruction: str, demonstrations: Sequence[tuple[str, str]]) -> str:
     """The prompt text: demonstrations separated by blank lines, then the question and ``A:``."""
-    blocks = [format_demonstration(q, a) for q, a in demonstrations]
+    blocks = [qa_block(q, a) for q, a in demonstrations]  # the format of the world's Q&A pages
     return "\n\n".join(blocks + [f"{QUESTION}{instruction}\n{ANSWER}"])
 
 

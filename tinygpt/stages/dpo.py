@@ -37,7 +37,7 @@ from tinygpt import runtime
 from tinygpt.checkpoint import (CheckpointError, capture_rng_state, latest_checkpoint, load_meta, load_model,
                                 load_tokenizer_json, resume_training, save_training_checkpoint)
 from tinygpt.config import opt, save_config, to_jsonable
-from tinygpt.data.preferences import PreferenceBatch, PreferenceDataset
+from tinygpt.data.preferences import PreferenceBatch, PreferenceDataset, held_out_preferences
 from tinygpt.losses import dpo_loss, preference_accuracy, sequence_logprobs
 from tinygpt.metrics import MetricsWriter, plot_curves, read_metrics
 from tinygpt.model import GPT
@@ -147,7 +147,8 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
     # --- data ------------------------------------------------------------------------------
     max_tokens = min(mcfg.block_size, ref_cfg.block_size) + 1  # block_size inputs + the last target
     train = PreferenceDataset(cfg.pairs, tokenizer, max_tokens, skip_bad=cfg.skip_bad)
-    val = PreferenceDataset(cfg.val_pairs, tokenizer, max_tokens, skip_bad=cfg.skip_bad) if cfg.val_pairs else None
+    val = (held_out_preferences(cfg.val_pairs, tokenizer, max_tokens, skip_bad=cfg.skip_bad, stage="dpo")
+           if cfg.val_pairs else None)
     per_step = cfg.batch_size * cfg.grad_accum * dist_info.world_size
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train) / per_step))
     optimizer = make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))

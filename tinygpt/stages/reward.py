@@ -43,7 +43,7 @@ from tinygpt import runtime
 from tinygpt.checkpoint import (CheckpointError, capture_rng_state, latest_checkpoint, load_meta, load_model,
                                 load_tokenizer_json, resume_training, save_training_checkpoint)
 from tinygpt.config import opt, save_config, to_jsonable
-from tinygpt.data.preferences import PreferenceDataset
+from tinygpt.data.preferences import PreferenceDataset, held_out_preferences
 from tinygpt.data.sources import DataError, iter_records, require_field
 from tinygpt.losses import pairwise_loss, preference_accuracy
 from tinygpt.metrics import MetricsWriter, plot_curves, read_metrics
@@ -168,7 +168,8 @@ def main(cfg: RewardConfig) -> dict[str, Any]:
 
     # --- data ------------------------------------------------------------------------------
     train = PreferenceDataset(cfg.rankings, tokenizer, mcfg.block_size, skip_bad=cfg.skip_bad)
-    val = PreferenceDataset(cfg.val_rankings, tokenizer, mcfg.block_size, skip_bad=cfg.skip_bad) if cfg.val_rankings else None
+    val = (held_out_preferences(cfg.val_rankings, tokenizer, mcfg.block_size, skip_bad=cfg.skip_bad, stage="reward")
+           if cfg.val_rankings else None)
     noise_ceiling = val.noise_ceiling() if val is not None else None
     demos, demos_too_long = (read_demonstrations(cfg.demonstrations, tokenizer, mcfg.block_size, cfg.shift_samples)
                              if cfg.demonstrations else ([], 0))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinygpt.config import opt, save_config
-from tinygpt.world.export import FORMATS, export_world
+from tinygpt.world.export import FORMATS, QA_FAMILIES, export_world
 from tinygpt.world.split import Split, parse_residues
 from tinygpt.world.tasks import FAMILIES
 
@@ -29,6 +29,13 @@ class WorldConfig:
     multi_turn_share: float = opt(0.25, "share of SFT training chats that are multi-turn")
     sft_rude_share: float = opt(0.0, "share of SFT training chats written by a rude demonstrator: one answer ends "
                                      "with a rude remark, so SFT learns some rudeness that RLHF must remove")
+    n_qa_pages: int = opt(0, "question-and-answer pages among the pretraining stories, as the web has them: "
+                             "2-4 train-split questions each, in the few-shot prompts' Q:/A: format")
+    qa_wrong_share: float = opt(0.3, "share of the Q&A pages' answers that are wrong (plausibly: a near number, "
+                                     "another name)")
+    qa_rude_share: float = opt(0.2, "share of the Q&A pages' answers that end with a rude remark")
+    qa_families: str = opt(",".join(QA_FAMILIES), "comma-separated task families the Q&A pages ask about (the web's "
+                                                   "questions, not an assistant's)")
     n_rl_prompts: int = opt(1000, "RL prompts drawn in turn from the train items")
     families: str = opt(",".join(FAMILIES), "comma-separated task families to include")
     formats: str = opt("jsonl,datasets", f"comma-separated output formats, from {','.join(FORMATS)}")
@@ -40,12 +47,15 @@ def main(cfg: WorldConfig) -> dict:
     summary = export_world(
         cfg.out, seed=cfg.seed, n_stories=cfg.n_stories, rude_share=cfg.rude_share, split=split,
         noise=cfg.noise, n_sft_chats=cfg.n_sft_chats, n_rl_prompts=cfg.n_rl_prompts,
-        multi_turn_share=cfg.multi_turn_share, sft_rude_share=cfg.sft_rude_share,
+        multi_turn_share=cfg.multi_turn_share, sft_rude_share=cfg.sft_rude_share, n_qa_pages=cfg.n_qa_pages,
+        qa_wrong_share=cfg.qa_wrong_share, qa_rude_share=cfg.qa_rude_share,
+        qa_families=[f.strip() for f in cfg.qa_families.split(",") if f.strip()],
         formats=[f.strip() for f in cfg.formats.split(",") if f.strip()],
         families=[f.strip() for f in cfg.families.split(",") if f.strip()], progress=cfg.progress)
     save_config(cfg, Path(cfg.out) / "config.json")
     counts = summary["counts"]
-    print(f"world written to {cfg.out}: {counts['pretrain']} stories, {counts['sft_train']} SFT train chats, "
+    print(f"world written to {cfg.out}: {counts['pretrain']} pretraining documents ({summary['qa_pages']} of them "
+          f"Q&A pages), {counts['sft_train']} SFT train chats, "
           f"{counts['sft_test']} SFT test chats, {counts['rl_prompts']} RL prompts; "
           f"dedupe dropped {summary['dedupe_dropped']}")
     return summary

@@ -2,7 +2,8 @@
 
 ``export_world(out, ...)`` writes, deterministically for a seed (two runs give the same bytes):
 
-    pretrain.jsonl                {"text"}: stories only, never a task item
+    pretrain.jsonl                {"text"}: stories, and with ``n_qa_pages`` question-and-answer pages
+                                  (train items only, some answers wrong, some rude: the web's Q&A)
     sft_train.jsonl, sft_test.jsonl
                                   {"messages", "family", "index", "meta"}: chats from train / test indices
     rl_prompts.jsonl              {"prompt": [messages without the answer], "family", "index", "meta"}
@@ -35,7 +36,7 @@ from tqdm import tqdm
 from tinygpt.world import lexicon, oracle
 from tinygpt.world.split import Split, drop_test_overlap, normalize_instruction
 from tinygpt.world.stories import generate_story, grammar_size
-from tinygpt.world.tasks import FAMILIES, TaskItem, make_chat
+from tinygpt.world.tasks import FAMILIES, TaskItem, make_chat, qa_block, wrong_answer
 
 FORMATS = ("jsonl", "datasets")
 
@@ -153,16 +154,50 @@ def _round_robin(pairs: Sequence[tuple[str, int]], n: int, rng: random.Random) -
     return out
 
 
+QA_PER_PAGE = (2, 4)  # questions on one page, uniform between these
+# What the web asks: sums and questions about stories. Counting letters or words, reversing lists and
+# stories written to order are what an assistant's users ask (InstructGPT: the API's prompts are not
+# the web's), so the base model meets those only in its few-shot prompts.
+QA_FAMILIES = ("arithmetic", "story_qa", "summary")
+
+
+def qa_page(rng: random.Random, pairs: Sequence[tuple[str, int]], *, seed: int, noise: float,
+            wrong_share: float, rude_share: float) -> tuple[str, int, int, int]:
+    """One question-and-answer page, as a web forum has them: (text, questions, wrong answers, rude answers).
+
+    The questions are task items drawn from ``pairs`` (train items only), half of them with noisy
+    wording. Each answer is the gold one, or with ``wrong_share`` a plausible wrong one; with
+    ``rude_share`` it ends with a rude remark. The format is :func:`tasks.qa_block`, the one few-shot
+    prompts use: a base model meets it in pretraining, as GPT-3 met question-and-answer text on the web.
+    """
+    blocks, n_wrong, n_rude = [], 0, 0
+    for _ in range(rng.randint(*QA_PER_PAGE)):
+        family, index = pairs[rng.randrange(len(pairs))]
+        item = FAMILIES[family].item(index, seed, noise if rng.random() < 0.5 else 0.0)
+        answer = item.answer
+        if rng.random() < wrong_share:
+            answer, n_wrong = wrong_answer(item, rng), n_wrong + 1
+        if rng.random() < rude_share:
+            answer, n_rude = f"{answer} {rng.choice(lexicon.RUDE_PHRASES)}!", n_rude + 1
+        blocks.append(qa_block(item.instruction, answer))
+    return "\n\n".join(blocks), len(blocks), n_wrong, n_rude
+
+
 def export_world(out: str | Path, *, seed: int = 0, n_stories: int = 20000, rude_share: float = 0.05,
                  split: Split = Split(), noise: float = 0.1, n_sft_chats: int = 2000, n_rl_prompts: int = 1000,
-                 multi_turn_share: float = 0.25, sft_rude_share: float = 0.0, formats: Sequence[str] = FORMATS,
+                 multi_turn_share: float = 0.25, sft_rude_share: float = 0.0, n_qa_pages: int = 0,
+                 qa_wrong_share: float = 0.3, qa_rude_share: float = 0.2, qa_families: Sequence[str] | None = None,
+                 formats: Sequence[str] = FORMATS,
                  families: Sequence[str] | None = None, progress: bool = True) -> dict:
     """Generate and write the world under ``out``; returns the summary also written to ``world.json``."""
     out = Path(out)
     families = list(families) if families is not None else list(FAMILIES)
+    qa_families = [f for f in (qa_families if qa_families is not None else QA_FAMILIES) if f in families]
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         raise ValueError(f"unknown task families {unknown}; known: {sorted(FAMILIES)}")
+    if n_qa_pages and not qa_families:
+        raise ValueError(f"n_qa_pages={n_qa_pages} but none of the Q&A families is in the world's families {families}")
     bad_formats = sorted(set(formats) - set(FORMATS))
     if bad_formats or not formats:
         raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {list(formats)}")
@@ -170,11 +205,14 @@ def export_world(out: str | Path, *, seed: int = 0, n_stories: int = 20000, rude
         raise ValueError(f"rude_share must be in [0, 1], got {rude_share}")
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"noise must be in [0, 1], got {noise}")
-    if not 0.0 <= sft_rude_share <= 1.0:
-        raise ValueError(f"sft_rude_share must be in [0, 1], got {sft_rude_share}")
+    for name, share in (("sft_rude_share", sft_rude_share), ("qa_wrong_share", qa_wrong_share),
+                        ("qa_rude_share", qa_rude_share)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {share}")
     if not 0.0 <= multi_turn_share <= 1.0:
         raise ValueError(f"multi_turn_share must be in [0, 1], got {multi_turn_share}")
-    for name, value in (("n_stories", n_stories), ("n_sft_chats", n_sft_chats), ("n_rl_prompts", n_rl_prompts)):
+    for name, value in (("n_stories", n_stories), ("n_sft_chats", n_sft_chats), ("n_rl_prompts", n_rl_prompts),
+                        ("n_qa_pages", n_qa_pages)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
     out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +283,7 @@ def export_world(out: str | Path, *, seed: int = 0, n_stories: int = 20000, rude
         rl.append({"prompt": prompt, "family": chat["family"], "index": chat["index"], "meta": chat["meta"]["turns"][0]})
     files["rl_prompts"] = keep_clean("rl_prompts", rl)
 
-    # --- pretraining corpus: stories only ----------------------------------------------------------
+    # --- pretraining corpus: stories, and question-and-answer pages among them -----------------------
     story_rng = random.Random(f"pretrain|{seed}")
     pretrain, n_rude_features, n_rude_oracle = [], 0, 0
     for _ in tqdm(range(n_stories), desc="stories", unit="story", disable=not progress):
@@ -253,6 +291,15 @@ def export_world(out: str | Path, *, seed: int = 0, n_stories: int = 20000, rude
         n_rude_features += "rude" in story.features
         n_rude_oracle += oracle.is_rude(story.text)
         pretrain.append({"text": story.text})
+    # Pages go in at random places (their own stream: the stories stay the same with or without them).
+    qa_rng, qa_counts = random.Random(f"qa-pages|{seed}"), {"questions": 0, "wrong": 0, "rude": 0}
+    qa_pairs = [(f, i) for f in qa_families for i in train_idx]
+    for _ in range(n_qa_pages):
+        text, n_q, n_wrong, n_rude = qa_page(qa_rng, qa_pairs, seed=seed, noise=noise,
+                                             wrong_share=qa_wrong_share, rude_share=qa_rude_share)
+        for key, n in zip(qa_counts, (n_q, n_wrong, n_rude)):
+            qa_counts[key] += n
+        pretrain.insert(qa_rng.randint(0, len(pretrain)), {"text": text})
     files["pretrain"] = keep_clean("pretrain", pretrain)
 
     # --- write -------------------------------------------------------------------------------------
@@ -284,6 +331,11 @@ def export_world(out: str | Path, *, seed: int = 0, n_stories: int = 20000, rude
         "rude_share_generated": n_rude_features / n_stories if n_stories else 0.0,
         "rude_share_measured": n_rude_oracle / n_stories if n_stories else 0.0,
         "sft_rude_demonstrations": n_rude_demos,
+        "qa_pages": n_qa_pages,
+        "qa_families": qa_families,
+        "qa_questions": qa_counts["questions"],
+        "qa_wrong_answers": qa_counts["wrong"],
+        "qa_rude_answers": qa_counts["rude"],
         "formats": list(formats),
         "datasets_not_written_empty": empty_skipped,
     }

@@ -38,8 +38,7 @@ from dataclasses import dataclass
 from typing import Sequence, Union
 
 from tinygpt.world import lexicon, oracle
-from tinygpt.world.stories import generate_story
-from tinygpt.world.tasks import FAMILIES, TaskItem, meta_of, grade, misspell
+from tinygpt.world.tasks import FAMILIES, TaskItem, grade, meta_of, misspell, wrong_answer
 
 # Calibrated with ``python -m tinygpt.world.labeler`` on 2,000 prompts x K=4 of synthetic completions
 # (correct, wrong, rude and garbled answers), over the pairs that are not tied: noise 0.4 / 0.5 / 0.6 gives
@@ -202,23 +201,6 @@ def calibrate_noise(gaps: Sequence[float], agreement: float) -> float:
 
 
 
-def _wrong_answer(item: TaskItem, rng: random.Random) -> str:
-    gold = item.answer
-    if gold.lstrip("-").isdigit():
-        return str(int(gold) + rng.choice((-3, -2, -1, 1, 2, 3)))
-    if item.family == "reverse_words":
-        words = item.meta["words"]
-        sep = item.meta["separator"]
-        return sep.join(words) if rng.random() < 0.5 else sep.join(rng.sample(words, len(words)))
-    if item.family == "write_story":
-        return generate_story(rng, None, rude_share=0.0).text  # a story, but not the one asked for
-    if item.family == "summary":
-        return generate_story(rng, None, rude_share=0.0).summary
-    # story_qa: another character, place or object of the world.
-    other = generate_story(rng, None, rude_share=0.0)
-    return rng.choice([other.characters[0].name, other.place, other.object])
-
-
 def _garble(text: str, rng: random.Random) -> str:
     """An ungrammatical version: shuffled words and a few misspellings."""
     words = text.split()
@@ -237,12 +219,12 @@ def synthetic_completions(item: TaskItem, rng: random.Random, k: int = 4) -> lis
         if kind == "correct":
             out.append(item.answer)
         elif kind == "wrong":
-            out.append(_wrong_answer(item, rng))
+            out.append(wrong_answer(item, rng))
         elif kind == "rude":
-            base = item.answer if rng.random() < 0.6 else _wrong_answer(item, rng)
+            base = item.answer if rng.random() < 0.6 else wrong_answer(item, rng)
             out.append(f"{base} {rng.choice(lexicon.RUDE_PHRASES)}!")
         else:
-            out.append(_garble(item.answer if rng.random() < 0.5 else _wrong_answer(item, rng), rng))
+            out.append(_garble(item.answer if rng.random() < 0.5 else wrong_answer(item, rng), rng))
     return out
 
 

@@ -404,6 +404,40 @@ def partial_credit(family: str, prediction: str, gold: str) -> float:
     return PARTIAL_MAX * closeness
 
 
+def wrong_answer(item: TaskItem, rng: random.Random) -> str:
+    """A plausible wrong answer to ``item``: a nearby number, the words unreversed or shuffled, another story, name or summary."""
+    gold = item.answer
+    if gold.lstrip("-").isdigit():
+        return str(int(gold) + rng.choice((-3, -2, -1, 1, 2, 3)))
+    if item.family == "reverse_words":
+        words = item.meta["words"]
+        sep = item.meta["separator"]
+        return sep.join(words) if rng.random() < 0.5 else sep.join(rng.sample(words, len(words)))
+    if item.family == "write_story":
+        return generate_story(rng, None, rude_share=0.0).text  # a story, but not the one asked for
+    if item.family == "summary":
+        return generate_story(rng, None, rude_share=0.0).summary
+    # story_qa: another character, place or object of the world.
+    other = generate_story(rng, None, rude_share=0.0)
+    return rng.choice([other.characters[0].name, other.place, other.object])
+
+
+# ------------------------------------------------------------------------------------------------
+# question-and-answer pages (pretraining) and few-shot prompts share one plain-text format
+# ------------------------------------------------------------------------------------------------
+
+QUESTION, ANSWER = "Q: ", "A:"
+
+
+def qa_block(instruction: str, answer: str) -> str:
+    """One question and its answer in plain text; the answer is kept on one line (it ends at a newline)::
+
+        Q: What is 3 plus 4?
+        A: 7
+    """
+    return f"{QUESTION}{instruction}\n{ANSWER} {' '.join(answer.split(chr(10)))}"
+
+
 # ------------------------------------------------------------------------------------------------
 # chat demonstrations
 # ------------------------------------------------------------------------------------------------
