@@ -137,3 +137,20 @@ def test_partial_credit_hand_worked():
     near = str(int(item.answer) + 1)
     assert grade(item.meta, item.answer, partial=True) == 1.0
     assert grade(item.meta, near) == 0.0 and 0 < grade(item.meta, near, partial=True) < PARTIAL_MAX
+
+
+def test_some_story_requests_are_open_and_any_good_story_answers_them():
+    """About 15% of write_story items ask for any story ("Tell me a story."): nothing to satisfy but a story."""
+    from tinygpt.world.stories import generate_story
+
+    family = FAMILIES["write_story"]
+    items = [family.item(i) for i in range(400)]
+    open_items = [it for it in items if it.instruction in family.OPEN_TEMPLATES]
+    assert 0.08 < len(open_items) / len(items) < 0.22
+    item = open_items[0]
+    assert set(item.meta["spec"].values()) == {None}
+    other = generate_story(random.Random(5), None, rude_share=0.0).text  # a story about anyone
+    assert grade(item, other) > 0.9 and grade(item, item.answer) > 0.9
+    assert grade(item, "15") == 0.0
+    constrained = next(it for it in items if it not in open_items)
+    assert grade(constrained, other) < grade(constrained, constrained.answer)

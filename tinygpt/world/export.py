@@ -123,11 +123,14 @@ def record_texts(record: dict) -> list[str]:
 
 
 def protected_texts(test_items: Iterable[TaskItem]) -> set[str]:
-    """Normalized test instructions and test stories (embedded in instructions or given as answers)."""
+    """Normalized test instructions and test stories (embedded in instructions or given as answers), except
+    the generic requests any item may share (``TaskFamily.GENERIC_INSTRUCTIONS``)."""
     keys = set()
+    generic = {normalize_instruction(t) for family in FAMILIES.values() for t in family.GENERIC_INSTRUCTIONS}
     for item in test_items:
         keys.add(normalize_instruction(item.instruction))
         keys.update(normalize_instruction(t) for t in _story_texts(item.meta))
+    keys -= generic  # "Tell me a story." is asked in train and test alike; its answers differ
     keys.discard("")
     return keys
 

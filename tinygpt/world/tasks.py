@@ -129,6 +129,7 @@ class TaskFamily:
     name: str = ""
     exact: bool = True  # graded by exact match of the normalized answer
     prose: bool = False  # the answer is sentences (a labeler judges their grammar), not a number, list or name
+    GENERIC_INSTRUCTIONS: tuple[str, ...] = ()  # requests shared by many items, train and test alike
 
     def item(self, index: int, seed: int = 0, noise: float = 0.0) -> TaskItem:
         if not isinstance(index, int) or index < 0:
@@ -281,6 +282,11 @@ class WriteStory(TaskFamily):
     name = "write_story"
     exact = False
     prose = True
+    # Users also ask for any story at all; without such requests in the demonstrations a model answers
+    # "Write a short story." as it would a question (with a number, in the demo's SFT and PPO models).
+    OPEN_SHARE = 0.15
+    OPEN_TEMPLATES = ("Write a short story.", "Tell me a story.", "Write a story.", "Can you tell me a short story?")
+    GENERIC_INSTRUCTIONS = OPEN_TEMPLATES
 
     def _make(self, rng):
         # Draw a reference story first, then ask for a story with a subset of its properties.
@@ -315,6 +321,9 @@ class WriteStory(TaskFamily):
         if required:
             template += (" Use the word " if len(required) == 1 else " Use the words ") + " and ".join(f"\"{{w{k}}}\"" for k in range(len(required))) + "."
             values.update({f"w{k}": w for k, w in enumerate(required)})
+        if rng.random() < self.OPEN_SHARE:  # drawn last: the constrained requests stay as they were
+            # an open request: any story will do, so the one written for the constraints is an answer too
+            template, values, spec = rng.choice(self.OPEN_TEMPLATES), {}, StorySpec()
         return template, values, story.text, {"spec": spec_to_dict(spec), "story": story.to_dict()}
 
 
