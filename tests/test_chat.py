@@ -1,9 +1,9 @@
 """Terminal chat: commands, streaming, the SFT template, dropping old turns; and (slow) a tiny model
-SFT-trained on a three-turn memory task answering held-out conversations through the chat."""
+SFT-trained on three-turn chats (remember a word, answer one of the world's sums, recall the word)
+answering held-out conversations through the chat."""
 
 import io
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -17,24 +17,27 @@ from tinygpt.model import GPT, ModelConfig
 from tinygpt.stages import sft
 from tinygpt.stages.sft import SFTConfig
 from tinygpt.tokenizer import Tokenizer
+from tinygpt.world.tasks import FAMILIES, TaskItem, grade
 
 WORDS = ["apple", "ball", "cat", "dog", "egg", "fish", "hat", "sun"]
+QUESTIONS = [FAMILIES["arithmetic"].item(i) for i in range(len(WORDS))]  # world instructions: sums, a word problem
 
 
-def memory_chat(word: str, other: str) -> list[dict]:
-    """Three turns: remember a word, say another, recall the first."""
+def memory_chat(word: str, item: TaskItem) -> list[dict]:
+    """Three turns: remember a word, answer a world instruction, recall the word."""
     return [{"role": "user", "content": f"My word is {word}."}, {"role": "assistant", "content": "OK."},
-            {"role": "user", "content": f"Say {other}."}, {"role": "assistant", "content": other},
+            {"role": "user", "content": item.instruction}, {"role": "assistant", "content": item.answer},
             {"role": "user", "content": "What is my word?"}, {"role": "assistant", "content": word}]
 
 
-def held_out(i: int) -> tuple[str, str]:
-    return WORDS[i], WORDS[(i + 3) % len(WORDS)]
+def held_out(i: int) -> tuple[str, TaskItem]:
+    """A word and a question never seen in one conversation in training (each was seen with others)."""
+    return WORDS[i], QUESTIONS[(i + 3) % len(WORDS)]
 
 
 def make_checkpoint(root: Path, block_size: int = 48, d_model: int = 32) -> tuple[Path, list[dict]]:
-    chats = [{"messages": memory_chat(w, v)} for w in WORDS for v in WORDS
-             if (w, v) not in {held_out(i) for i in range(len(WORDS))}]
+    held = {(w, q.index) for w, q in map(held_out, range(len(WORDS)))}
+    chats = [{"messages": memory_chat(w, q)} for w in WORDS for q in QUESTIONS if (w, q.index) not in held]
     tok = Tokenizer.train([m["content"] for c in chats for m in c["messages"]], vocab_size=300, show_progress=False)
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=2, d_model=d_model)
@@ -119,15 +122,18 @@ def test_sft_trained_tiny_model_keeps_context_over_three_turns(tmp_path):
     session = load_session(str(tmp_path / "sft"), device="cpu", sampling=SamplingConfig(temperature=0.0, max_new_tokens=8))
     correct = 0
     for i in range(len(WORDS)):
-        word, other = held_out(i)
+        word, question = held_out(i)
         session.reset()
-        replies = [session.reply(f"My word is {word}."), session.reply(f"Say {other}."),
+        replies = [session.reply(f"My word is {word}."), session.reply(question.instruction),
                    session.reply("What is my word?")]
-        correct += replies == ["OK.", other, word]
+        # the world's grader judges the instruction's answer, as it judges every task answer
+        correct += replies[0] == "OK." and grade(question, replies[1]) == 1.0 and replies[2] == word
     assert correct >= 7, correct
-    # and through the terminal loop (a pair seen in training)
-    text, _ = run_terminal(tmp_path / "sft", ["My word is sun.", "Say dog.", "What is my word?"])
-    assert text.count("bot> ") == 3 and "bot> OK.\n" in text and "bot> sun\n" in text
+    # and through the terminal loop (a conversation seen in training)
+    question = QUESTIONS[0]
+    text, _ = run_terminal(tmp_path / "sft", ["My word is sun.", question.instruction, "What is my word?"])
+    assert text.count("bot> ") == 3 and "bot> OK.\n" in text and f"bot> {question.answer}\n" in text
+    assert "bot> sun\n" in text
 
 
 def _train_memory_task(init: Path, tmp_path: Path) -> None:
