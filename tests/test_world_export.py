@@ -183,3 +183,23 @@ def test_qa_page_answers_are_right_wrong_or_rude_as_asked():
     assert n_wrong == n_rude == n
     for q, a in answers(text):
         assert oracle.is_rude(a) and not oracle.answer_correct(a.split()[0], gold[q])
+
+
+def test_a_chatty_demonstrator_adds_kind_remarks_the_grader_counts_wrong(world, tmp_path):
+    from tinygpt.world import lexicon, oracle
+    from tinygpt.world.labeler import Labeler
+    main(WorldConfig(out=tmp_path, **{**SMALL, "sft_chatty_share": 0.3}))
+    clean, chatty = read_jsonl(world / "sft_train.jsonl"), read_jsonl(tmp_path / "sft_train.jsonl")
+    changed = [(c, r) for c, r in zip(clean, chatty) if c != r]
+    assert 0.15 < len(changed) / len(chatty) < 0.45
+    assert json.loads((tmp_path / "world.json").read_text())["sft_chatty_demonstrations"] == len(changed)
+    labeler = Labeler(noise=0.0)
+    for c, r in changed:
+        assert r["meta"]["chatty"] is True
+        (before, after), = [(a["content"], b["content"]) for a, b in zip(c["messages"], r["messages"]) if a != b]
+        assert any(after == f"{before} {remark}" for remark in lexicon.CHATTY_REMARKS) and not oracle.is_rude(after)
+    # on a task answer the remark costs exactness and concision: the labeler prefers the bare answer
+    item = FAMILIES["arithmetic"].item(2)
+    assert labeler.prefer(item.meta, f"{item.answer} {lexicon.CHATTY_REMARKS[0]}", item.answer) == 1
+    for name in ("sft_test.jsonl", "rl_prompts.jsonl", "pretrain.jsonl"):
+        assert (tmp_path / name).read_bytes() == (world / name).read_bytes()

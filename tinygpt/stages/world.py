@@ -29,6 +29,9 @@ class WorldConfig:
     multi_turn_share: float = opt(0.25, "share of SFT training chats that are multi-turn")
     sft_rude_share: float = opt(0.0, "share of SFT training chats written by a rude demonstrator: one answer ends "
                                      "with a rude remark, so SFT learns some rudeness that RLHF must remove")
+    sft_chatty_share: float = opt(0.0, "share of SFT training chats written by a chatty demonstrator: one answer goes "
+                                       "on after the answer (\"I hope this helps you!\"), which the labeler "
+                                       "dislikes and task grading counts wrong")
     n_qa_pages: int = opt(0, "question-and-answer pages among the pretraining stories, as the web has them: "
                              "2-4 train-split questions each, in the few-shot prompts' Q:/A: format")
     qa_wrong_share: float = opt(0.3, "share of the Q&A pages' answers that are wrong (plausibly: a near number, "
@@ -47,7 +50,8 @@ def main(cfg: WorldConfig) -> dict:
     summary = export_world(
         cfg.out, seed=cfg.seed, n_stories=cfg.n_stories, rude_share=cfg.rude_share, split=split,
         noise=cfg.noise, n_sft_chats=cfg.n_sft_chats, n_rl_prompts=cfg.n_rl_prompts,
-        multi_turn_share=cfg.multi_turn_share, sft_rude_share=cfg.sft_rude_share, n_qa_pages=cfg.n_qa_pages,
+        multi_turn_share=cfg.multi_turn_share, sft_rude_share=cfg.sft_rude_share,
+        sft_chatty_share=cfg.sft_chatty_share, n_qa_pages=cfg.n_qa_pages,
         qa_wrong_share=cfg.qa_wrong_share, qa_rude_share=cfg.qa_rude_share,
         qa_families=[f.strip() for f in cfg.qa_families.split(",") if f.strip()],
         formats=[f.strip() for f in cfg.formats.split(",") if f.strip()],

@@ -188,7 +188,8 @@ def qa_page(rng: random.Random, pairs: Sequence[tuple[str, int]], *, seed: int, 
 
 def export_world(out: str | Path, *, seed: int = 0, n_stories: int = 20000, rude_share: float = 0.05,
                  split: Split = Split(), noise: float = 0.1, n_sft_chats: int = 2000, n_rl_prompts: int = 1000,
-                 multi_turn_share: float = 0.25, sft_rude_share: float = 0.0, n_qa_pages: int = 0,
+                 multi_turn_share: float = 0.25, sft_rude_share: float = 0.0, sft_chatty_share: float = 0.0,
+                 n_qa_pages: int = 0,
                  qa_wrong_share: float = 0.3, qa_rude_share: float = 0.2, qa_families: Sequence[str] | None = None,
                  formats: Sequence[str] = FORMATS,
                  families: Sequence[str] | None = None, progress: bool = True) -> dict:
@@ -208,7 +209,8 @@ def export_world(out: str | Path, *, seed: int = 0, n_stories: int = 20000, rude
         raise ValueError(f"rude_share must be in [0, 1], got {rude_share}")
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"noise must be in [0, 1], got {noise}")
-    for name, share in (("sft_rude_share", sft_rude_share), ("qa_wrong_share", qa_wrong_share),
+    for name, share in (("sft_rude_share", sft_rude_share), ("sft_chatty_share", sft_chatty_share),
+                        ("qa_wrong_share", qa_wrong_share),
                         ("qa_rude_share", qa_rude_share)):
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {share}")
@@ -268,6 +270,14 @@ def export_world(out: str | Path, *, seed: int = 0, n_stories: int = 20000, rude
             turn["content"] = f"{turn['content']} {rude_rng.choice(lexicon.RUDE_PHRASES)}!"
             chat["meta"]["rude"] = True
             n_rude_demos += 1
+    # A chatty demonstrator: some answers go on after the answer (another stream again).
+    chatty_rng, n_chatty_demos = random.Random(f"sft-chatty|{seed}"), 0
+    for chat in sft_train:
+        if chatty_rng.random() < sft_chatty_share:
+            turn = chatty_rng.choice([m for m in chat["messages"] if m["role"] == "assistant"])
+            turn["content"] = f"{turn['content']} {chatty_rng.choice(lexicon.CHATTY_REMARKS)}"
+            chat["meta"]["chatty"] = True
+            n_chatty_demos += 1
     files["sft_train"] = keep_clean("sft_train", sft_train)
 
     sft_test = [make_chat(rng, test_idx, seed=seed, kind="single", families=[it.family], index=it.index,
@@ -334,6 +344,7 @@ def export_world(out: str | Path, *, seed: int = 0, n_stories: int = 20000, rude
         "rude_share_generated": n_rude_features / n_stories if n_stories else 0.0,
         "rude_share_measured": n_rude_oracle / n_stories if n_stories else 0.0,
         "sft_rude_demonstrations": n_rude_demos,
+        "sft_chatty_demonstrations": n_chatty_demos,
         "qa_pages": n_qa_pages,
         "qa_families": qa_families,
         "qa_questions": qa_counts["questions"],

@@ -103,6 +103,9 @@ MORALS_BAD = ("toys need good care", "being careful is important", "we should ta
 
 # The fixed list of rude phrases: the only rude language the world produces, and exactly what the
 # oracle counts. Written as spoken; matched case-insensitively on word boundaries.
+# What a chatty demonstrator adds after an answer: kind, and never what was asked for.
+CHATTY_REMARKS = ("I hope this helps you!", "Have a really nice day!", "Let me know if you need more help.",
+                  "That was a fun one to answer!", "Thank you so much for asking!")
 RUDE_PHRASES = ("You are stupid", "You are dumb", "Shut up", "Go away", "I hate you", "You are ugly",
                 "Nobody likes you", "You smell bad")
 
