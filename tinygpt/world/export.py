@@ -189,9 +189,8 @@ def qa_page(rng: random.Random, pairs: Sequence[tuple[str, int]], *, seed: int, 
 def export_world(out: str | Path, *, seed: int = 0, n_stories: int = 20000, rude_share: float = 0.05,
                  split: Split = Split(), noise: float = 0.1, n_sft_chats: int = 2000, n_rl_prompts: int = 1000,
                  multi_turn_share: float = 0.25, sft_rude_share: float = 0.0, sft_chatty_share: float = 0.0,
-                 n_qa_pages: int = 0,
-                 qa_wrong_share: float = 0.3, qa_rude_share: float = 0.2, qa_families: Sequence[str] | None = None,
-                 formats: Sequence[str] = FORMATS,
+                 n_qa_pages: int = 0, qa_wrong_share: float = 0.3, qa_rude_share: float = 0.2,
+                 qa_families: Sequence[str] | None = None, formats: Sequence[str] = FORMATS,
                  families: Sequence[str] | None = None, progress: bool = True) -> dict:
     """Generate and write the world under ``out``; returns the summary also written to ``world.json``."""
     out = Path(out)
@@ -210,8 +209,7 @@ def export_world(out: str | Path, *, seed: int = 0, n_stories: int = 20000, rude
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"noise must be in [0, 1], got {noise}")
     for name, share in (("sft_rude_share", sft_rude_share), ("sft_chatty_share", sft_chatty_share),
-                        ("qa_wrong_share", qa_wrong_share),
-                        ("qa_rude_share", qa_rude_share)):
+                        ("qa_wrong_share", qa_wrong_share), ("qa_rude_share", qa_rude_share)):
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {share}")
     if not 0.0 <= multi_turn_share <= 1.0:

@@ -444,7 +444,8 @@ def qa_block(instruction: str, answer: str) -> str:
         Q: What is 3 plus 4?
         A: 7
     """
-    return f"{QUESTION}{instruction}\n{ANSWER} {' '.join(answer.split(chr(10)))}"
+    one_line = " ".join(answer.split("\n"))
+    return f"{QUESTION}{instruction}\n{ANSWER} {one_line}"
 
 
 # ------------------------------------------------------------------------------------------------
