@@ -157,6 +157,20 @@ def _round_robin(pairs: Sequence[tuple[str, int]], n: int, rng: random.Random) -
     return out
 
 
+def _demonstrator_flaw(chats: list[dict], share: float, rng: random.Random, remarks: Sequence[str],
+                      flag: str) -> int:
+    """A demonstrator who wrote ``share`` of the chats ends one answer of each with one of ``remarks``
+    (marked ``meta[flag]``); returns how many chats that made. The chats are changed in place."""
+    n = 0
+    for chat in chats:
+        if rng.random() < share:
+            turn = rng.choice([m for m in chat["messages"] if m["role"] == "assistant"])
+            turn["content"] = f"{turn['content']} {rng.choice(remarks)}"
+            chat["meta"][flag] = True
+            n += 1
+    return n
+
+
 QA_PER_PAGE = (2, 4)  # questions on one page, uniform between these
 # What the web asks: sums and questions about stories. Counting letters or words, reversing lists and
 # stories written to order are what an assistant's users ask (InstructGPT: the API's prompts are not
@@ -260,22 +274,11 @@ def export_world(out: str | Path, *, seed: int = 0, n_stories: int = 20000, rude
     for _ in range(n_sft_chats - n_single):
         sft_train.append(make_chat(rng, train_idx, seed=seed, noise=noise if rng.random() < 0.5 else 0.0,
                                    kind=rng.choice(multi_kinds), families=families))
-    # A rude demonstrator: some answers end with a rude remark (their own stream, so the rest stays the same).
-    rude_rng, n_rude_demos = random.Random(f"sft-rude|{seed}"), 0
-    for chat in sft_train:
-        if rude_rng.random() < sft_rude_share:
-            turn = rude_rng.choice([m for m in chat["messages"] if m["role"] == "assistant"])
-            turn["content"] = f"{turn['content']} {rude_rng.choice(lexicon.RUDE_PHRASES)}!"
-            chat["meta"]["rude"] = True
-            n_rude_demos += 1
-    # A chatty demonstrator: some answers go on after the answer (another stream again).
-    chatty_rng, n_chatty_demos = random.Random(f"sft-chatty|{seed}"), 0
-    for chat in sft_train:
-        if chatty_rng.random() < sft_chatty_share:
-            turn = chatty_rng.choice([m for m in chat["messages"] if m["role"] == "assistant"])
-            turn["content"] = f"{turn['content']} {chatty_rng.choice(lexicon.CHATTY_REMARKS)}"
-            chat["meta"]["chatty"] = True
-            n_chatty_demos += 1
+    # Flawed demonstrators, each on its own stream, so the rest stays the same with or without them.
+    n_rude_demos = _demonstrator_flaw(sft_train, sft_rude_share, random.Random(f"sft-rude|{seed}"),
+                                      [f"{phrase}!" for phrase in lexicon.RUDE_PHRASES], "rude")
+    n_chatty_demos = _demonstrator_flaw(sft_train, sft_chatty_share, random.Random(f"sft-chatty|{seed}"),
+                                        lexicon.CHATTY_REMARKS, "chatty")
     files["sft_train"] = keep_clean("sft_train", sft_train)
 
     sft_test = [make_chat(rng, test_idx, seed=seed, kind="single", families=[it.family], index=it.index,
