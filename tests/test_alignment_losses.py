@@ -142,6 +142,57 @@ def test_whiten_hand_worked():
     assert torch.allclose(whiten(x, m, shift_mean=False), torch.tensor([[1.0, 3.0, 0.0]]), atol=1e-6)
 
 
+def _summing_workers(n: int):
+    """``n`` reduce functions for ``n`` threads: each returns the sum of what all of them passed in,
+    as ``torch.distributed.all_reduce`` would across ranks (same order everywhere)."""
+    import threading
+
+    barrier, parts = threading.Barrier(n), [None] * n
+
+    def make(i):
+        def reduce(t):
+            parts[i] = t.clone()
+            barrier.wait()
+            total = sum(parts[j] for j in range(n))
+            barrier.wait()  # every worker has read before the next call overwrites
+            return total
+        return reduce
+    return [make(i) for i in range(n)]
+
+
+def test_reduced_statistics_over_workers_equal_those_of_the_whole_batch():
+    """Two workers holding rows 0-1 and 2-4 of one batch whiten (and average, and take the entropy)
+    as one process holding all five rows does: the statistics are over every worker's masked tokens."""
+    import threading
+
+    torch.manual_seed(0)
+    x, logits = torch.randn(5, 6) * 3 + 1, torch.randn(5, 6, 7)
+    mask = (torch.rand(5, 6) > 0.3).float()
+    mask[:, 0] = 1.0
+    splits = [slice(0, 2), slice(2, 5)]  # unequal halves: a plain mean of the two means would be wrong
+    results: list = [None, None]
+
+    def work(i, reduce):
+        rows = splits[i]
+        results[i] = (whiten(x[rows], mask[rows], reduce=reduce),
+                      whiten(x[rows], mask[rows], shift_mean=False, reduce=reduce),
+                      masked_mean(x[rows], mask[rows], reduce), masked_mean(x[rows], None, reduce),
+                      entropy_from_logits(logits[rows], mask[rows], reduce))
+
+    threads = [threading.Thread(target=work, args=(i, r)) for i, r in enumerate(_summing_workers(2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.allclose(torch.cat([results[0][0], results[1][0]]), whiten(x, mask), atol=1e-5)
+    assert torch.allclose(torch.cat([results[0][1], results[1][1]]), whiten(x, mask, shift_mean=False), atol=1e-5)
+    for worker in results:
+        assert torch.allclose(worker[2], masked_mean(x, mask), atol=1e-6)
+        assert torch.allclose(worker[3], x.mean(), atol=1e-6)
+        assert torch.allclose(worker[4], entropy_from_logits(logits, mask), atol=1e-6)
+    assert not torch.allclose(whiten(x[:2], mask[:2]), whiten(x, mask)[:2], atol=1e-3)  # alone, a worker differs
+
+
 def test_ppo_losses_hand_worked():
     """Three response tokens (a fourth is padding), clip_ratio 0.2, value_clip 0.2.
     token a: ratio 1.5, A = 1:  -A*r = -1.5, clipped -1.2 -> max -1.2 (clipped branch)

@@ -102,6 +102,21 @@ def test_seeded_sampling_is_reproducible():
     assert a == b and a != other
 
 
+def test_row_seeds_make_each_answer_independent_of_its_batch():
+    """With one seed per row, a row samples the same answer alone, in another batch, or in another position."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.div_(20)  # a flat distribution
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=12)
+    prompts, seeds = [[1, 2], [3, 4, 5], [6]], [11, 12, 13]
+    together = generate(model, prompts, cfg, row_seeds=seeds)
+    assert [generate(model, [p], cfg, row_seeds=[s])[0] for p, s in zip(prompts, seeds)] == together
+    assert generate(model, prompts[::-1], cfg, row_seeds=seeds[::-1]) == together[::-1]
+    assert generate(model, prompts, cfg, row_seeds=[21, 22, 23]) != together
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        generate(model, prompts, cfg, row_seeds=[1, 2])
+
+
 def test_top_k_one_equals_greedy_and_training_mode_is_restored():
     model = tiny_model().train()
     sampled = generate(model, [[1, 2, 3]], SamplingConfig(temperature=1.5, top_k=1, max_new_tokens=8, seed=0))

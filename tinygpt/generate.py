@@ -78,16 +78,23 @@ def repetition_penalty_filter(logits: Tensor, seen: Tensor, penalty: float) -> T
     return torch.where(seen, penalized, logits)
 
 
-def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
+def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | Sequence[torch.Generator] | None = None,
                 seen: Tensor | None = None) -> Tensor:
-    """Next-token logits (B, V) -> token ids (B,)."""
+    """Next-token logits (B, V) -> token ids (B,).
+
+    ``generator`` is one generator for the batch, or one per row: then each row draws from its own
+    stream, so its sample does not depend on which other rows share the batch."""
     logits = logits.float()
     if seen is not None:
         logits = repetition_penalty_filter(logits, seen, cfg.repetition_penalty)
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = top_p_filter(top_k_filter(logits / cfg.temperature, cfg.top_k), cfg.top_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)  # (B,)
+    probs = top_p_filter(top_k_filter(logits / cfg.temperature, cfg.top_k), cfg.top_p).softmax(dim=-1)  # (B, V)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+    if len(generator) != probs.shape[0]:
+        raise ValueError(f"one generator per row: got {len(generator)} for {probs.shape[0]} rows")
+    return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator)])  # (B,)
 
 
 # --- stop strings: a should_stop predicate built from the caller's decode function ---
@@ -130,7 +137,8 @@ def stop_strings(decode_fn: Callable[[list[int]], str], strings: Sequence[str]) 
 
 def _decode_steps(model: GPT, prompts: list[list[int]], cfg: SamplingConfig, eos_id: int | None,
                   stop_sequences: Sequence[Sequence[int]], should_stop: Callable[[list[int]], bool] | None,
-                  logits_processors: Sequence[LogitsProcessor]) -> Iterator[list[list[int]]]:
+                  logits_processors: Sequence[LogitsProcessor],
+                  row_seeds: Sequence[int] | None = None) -> Iterator[list[list[int]]]:
     """Yield every row's new tokens after each step; a finished row is final (stop tokens trimmed)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")
@@ -156,7 +164,13 @@ def _decode_steps(model: GPT, prompts: list[list[int]], cfg: SamplingConfig, eos
         mask[row, :longest - len(p)] = 0
     idx, mask = idx.to(device), mask.to(device)
     padded = any(len(p) != longest for p in prompts)
-    generator = torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
+    generator: torch.Generator | list[torch.Generator] | None = None
+    if row_seeds is not None:
+        if len(row_seeds) != B:
+            raise ValueError(f"row_seeds: one seed per prompt, got {len(row_seeds)} for {B} prompts")
+        generator = [torch.Generator(device).manual_seed(int(s)) for s in row_seeds]
+    elif cfg.seed is not None:
+        generator = torch.Generator(device).manual_seed(cfg.seed)
     seen = None
     if cfg.repetition_penalty != 1.0:
         seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
@@ -203,15 +217,20 @@ def _decode_steps(model: GPT, prompts: list[list[int]], cfg: SamplingConfig, eos
 
 def generate(model: GPT, prompts: list[list[int]], cfg: SamplingConfig, *, eos_id: int | None = None,
              stop_sequences: Sequence[Sequence[int]] = (), should_stop: Callable[[list[int]], bool] | None = None,
-             logits_processors: Sequence[LogitsProcessor] = ()) -> list[list[int]]:
+             logits_processors: Sequence[LogitsProcessor] = (), row_seeds: Sequence[int] | None = None) -> list[list[int]]:
     """Sample up to ``cfg.max_new_tokens`` after each prompt; return only the new tokens of each.
+
+    ``row_seeds`` (one per prompt, overriding ``cfg.seed``) gives every row its own generator: a row's
+    answer then depends only on its prompt and its seed, not on the batch it was sampled in. PPO uses
+    it so that a rollout is the same in one process and split over ``torchrun`` ranks.
 
     A row stops at ``eos_id`` (not included), at any of ``stop_sequences`` (not included), or when
     ``should_stop(new_ids)`` is true; if ``should_stop`` has a ``tokens_to_trim(new_ids) -> int`` method
     (as :func:`stop_strings` gives) that many trailing tokens are dropped.
     """
     outputs: list[list[int]] = []
-    for outputs in _decode_steps(model, prompts, cfg, eos_id, stop_sequences, should_stop, logits_processors):
+    for outputs in _decode_steps(model, prompts, cfg, eos_id, stop_sequences, should_stop, logits_processors,
+                                 row_seeds):
         pass
     return [list(o) for o in outputs]
 

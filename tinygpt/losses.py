@@ -14,6 +14,8 @@ that count in the whole batch (token-weighted), never NaN when nothing counts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -50,12 +52,22 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.T
 # --- alignment ------------------------------------------------------------------------------------
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of ``x`` over the positions where ``mask`` is 1 (all positions when None); 0 if none."""
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None,
+                reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is 1 (all positions when None); 0 if none.
+
+    ``reduce`` sums a tensor over the workers of a distributed run (``runtime.all_reduce_sum``):
+    then the mean is over every worker's masked positions together, as if one process held them all.
+    """
     if mask is None:
-        return x.mean()
+        mask = torch.ones_like(x)
+        if reduce is None:
+            return x.mean()
     mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    if reduce is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    total, count = reduce(torch.stack([(x * mask).sum(), mask.sum()]))
+    return total / count.clamp(min=1)
 
 
 def _group_weights(group: torch.Tensor) -> torch.Tensor:
@@ -169,16 +181,18 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, returns
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Normalise ``x`` (B, T) to mean 0, variance 1 over the positions where mask is 1.
 
-    Mean and (population) variance are over the masked positions of the whole batch. With
+    Mean and (population) variance are over the masked positions of the whole batch; with
+    ``reduce`` (see :func:`masked_mean`) over those of every worker's batch together. With
     ``shift_mean=False`` the mean is added back (only the scale changes: used for rewards, so
     their sign keeps its meaning). Positions where mask is 0 come out 0.
     """
     m = mask.to(x.dtype)
-    mean = masked_mean(x, m)
-    var = masked_mean((x - mean).pow(2), m)
+    mean = masked_mean(x, m, reduce)
+    var = masked_mean((x - mean).pow(2), m, reduce)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -228,15 +242,17 @@ def ppo_losses(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
             "value_clip_frac": value_clip_frac, "approx_kl": approx_kl, "ratio": mean_ratio}
 
 
-def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor | None = None,
+                        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Mean entropy (nats) of the next-token distributions: logits (B, T, V), mask (B, T) -> scalar.
 
-    ``H = logsumexp(z) - sum softmax(z) * z`` per position, in float32, averaged over masked positions.
+    ``H = logsumexp(z) - sum softmax(z) * z`` per position, in float32, averaged over masked positions
+    (of every worker, with ``reduce``: see :func:`masked_mean`).
     """
     z = logits.float()
     p = torch.softmax(z, dim=-1)  # (B, T, V)
     entropy = torch.logsumexp(z, dim=-1) - (p * z).sum(-1)  # (B, T)
-    return masked_mean(entropy, mask)
+    return masked_mean(entropy, mask, reduce)
 
 
 def preference_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
