@@ -185,6 +185,70 @@ def test_resume_is_exact(world, tmp_path):
     assert samples == [1, 1, 2, 2, 3, 3, 4, 4]
 
 
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process(world, tmp_path):
+    """2 gloo ranks answering 4 prompts each == 1 process answering 8, PPO-ptx and adaptive KL included.
+
+    One minibatch per rollout, so the union of the ranks' minibatches is the single process's one. What
+    this checks: each rank takes its rows of the global batch and samples them with their global rows'
+    seeds; rewards and advantages are whitened over all ranks; the loss is token-weighted and gradients
+    averaged; the KL controller and the logs see global means; ptx batches are slices of one global batch.
+    """
+    import os
+    import subprocess
+    import sys
+
+    # a policy that ends an answer with probability ~0.2 a token, so answers differ in length and the
+    # ranks' minibatches in token count: GPT-2 arch, its final LayerNorm's bias points at <|end|>'s row
+    tok = Tokenizer.load(world["sft"])
+    torch.manual_seed(1)
+    mcfg = ModelConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, d_model=32, arch="gpt2")
+    model = GPT(mcfg)
+    with torch.no_grad():
+        bias = torch.randn(mcfg.d_model)
+        model.final_norm.weight.mul_(0.2)
+        model.final_norm.bias.copy_(bias)
+        model.tok_emb.weight[tok.end_id] = 4.0 * bias / bias.pow(2).sum()
+    save_checkpoint(tmp_path / "sft", model=model, model_config=mcfg, tokenizer_json=tok.to_str(),
+                    meta={"stage": "sft"})
+
+    kw = dict(policy=str(tmp_path / "sft"), max_steps=2, ppo_epochs=1, adaptive_kl=True, kl_target=0.5,
+              kl_horizon=20, whiten_rewards=True, ptx_coef=0.5, ptx_data=str(world["shards"]), ptx_block_size=16)
+    args = [f"--{k.replace('_', '-')}={str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in {**_cfg(world, tmp_path / "ddp", **kw).__dict__, "rollout_batch": 4, "minibatch_size": 4,
+                         "ptx_batch_size": 1}.items() if v != "" and v is not None]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+           "-m", "tinygpt.cli", "ppo", *args]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ppo.main(_cfg(world, tmp_path / "single", rollout_batch=8, minibatch_size=8, ptx_batch_size=2, **kw))
+
+    keys = ("reward", "reward_std", "kl", "kl_coef", "total_reward", "entropy", "policy_loss", "value_loss",
+            "ptx_loss", "clip_frac", "approx_kl", "explained_var", "value_mean", "response_len", "oracle_utility")
+
+    def logged(run):
+        return [r for r in read_metrics(run / "metrics.jsonl") if "reward" in r]
+
+    ddp, single = logged(tmp_path / "ddp"), logged(tmp_path / "single")
+    assert [r["step"] for r in ddp] == [r["step"] for r in single] == [1, 2]
+    for a, b in zip(ddp, single):
+        for k in keys:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+    assert ddp[1]["kl_coef"] != ddp[0]["kl_coef"]  # the controller moved, on the global KL
+    assert all(1.5 < r["response_len"] < 5.5 for r in ddp)  # answers of several lengths: the weights matter
+    a, b = _policy_weights(tmp_path / "ddp"), _policy_weights(tmp_path / "single")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    va = load_trainer_state(tmp_path / "ddp")["value_model"]
+    vb = load_trainer_state(tmp_path / "single")["value_model"]
+    for k in va:
+        torch.testing.assert_close(va[k], vb[k], atol=1e-5, rtol=1e-4)
+    # rank 0 alone writes the samples: its first rows are the single process's first rows
+    first = [json.loads(x) for x in (tmp_path / "ddp" / "samples.jsonl").read_text().splitlines()]
+    other = [json.loads(x) for x in (tmp_path / "single" / "samples.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["response"]) for x in first] == [(x["step"], x["response"]) for x in other]
+
+
 def test_resume_refuses_a_changed_reference(world, tmp_path):
     ppo.main(_cfg(world, tmp_path / "run", max_steps=2, stop_after=1))
     other = tmp_path / "other_sft"

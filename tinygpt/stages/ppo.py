@@ -3,8 +3,9 @@
 InstructGPT (Ouyang et al. 2022, section 3.5) on top of Ziegler et al. (2019) "Fine-tuning language
 models from human preferences". Each step (one *rollout*):
 
-1. sample ``rollout_batch`` prompts and let the policy answer them (``tinygpt.generate``, a generator
-   seeded by (seed, step), so a resumed run samples the same answers);
+1. sample ``rollout_batch`` prompts and let the policy answer them (``tinygpt.generate``, each answer
+   with its own generator seeded by (seed, step, row), so a resumed run samples the same answers, and
+   so does a run split over more or fewer ranks);
 2. score each answer with the reward model (RM score minus its ``shift``), and compute every response
    token's log-probability under the policy, under the frozen SFT *reference*, and its value;
 3. reward per token ``r_t = -kl_coef * KL_t``, plus the RM score at the last response token
@@ -38,7 +39,19 @@ RM score rising while the oracle's grade falls, can be read off).
 
 Uses: losses (all the math), rewards (loading and scoring the RM), generate, checkpoint, optim,
 data.shards.TokenDataset (ptx batches), world.labeler (the oracle's grade, for logging only). It does
-not know how the SFT or reward models were trained. Runs in one process (no DDP).
+not know how the SFT or reward models were trained.
+
+Under ``torchrun`` each of the N ranks answers ``rollout_batch`` prompts, rows ``rank * rollout_batch``
+onward of the step's global batch of ``N * rollout_batch``, and trains on them; gradients are averaged
+over ranks (``runtime.average_gradients``, DDP's all-reduce done by hand, because the policy also samples
+and two models train per minibatch). Everything a single process would compute over the whole rollout
+is computed over all ranks together: reward and advantage whitening, the KL that drives the adaptive
+coefficient, the logged means; each minibatch's loss is weighted by its share of the global minibatch's
+response tokens. So N ranks of ``rollout_batch`` B equal one process of ``N * B`` when each rollout is one
+minibatch (``tests/test_ppo.py``); with several minibatches, each rank shuffles its own rows and the
+k-th global minibatch is the union of the ranks' k-th ones. Rank 0 writes the checkpoints and logs.
+
+    torchrun --nproc_per_node=2 -m tinygpt.cli ppo --policy ... --rollout-batch 16   # 32 answers a step
 """
 
 from __future__ import annotations
@@ -46,7 +59,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,12 +98,12 @@ class PPOConfig:
     value_init: str = opt("reward", "value model: 'reward' = a copy of the reward model (InstructGPT), "
                                     "'sft' = a copy of the SFT model with a fresh scalar head")
     # rollouts
-    rollout_batch: int = opt(32, "prompts answered per rollout (one PPO step)")
+    rollout_batch: int = opt(32, "prompts answered per rollout (one PPO step), per rank under torchrun")
     temperature: float = opt(1.0, "sampling temperature of the rollouts (> 0; log-probs use the same one)")
     max_new_tokens: int = opt(48, "longest answer sampled, in tokens")
     # PPO
     ppo_epochs: int = opt(4, "passes over each rollout batch")
-    minibatch_size: int = opt(8, "answers per PPO minibatch (one optimizer step each)")
+    minibatch_size: int = opt(8, "answers per PPO minibatch (one optimizer step each), per rank under torchrun")
     lr: float = opt(2e-5, "policy learning rate (constant after warmup)")
     value_lr: float | None = opt(None, "value-model learning rate (None = --lr)")
     warmup_steps: int = opt(5, "rollouts of linear learning-rate warmup")
@@ -114,7 +126,7 @@ class PPOConfig:
     # PPO-ptx
     ptx_coef: float = opt(0.0, "gamma of PPO-ptx: weight of the pretraining LM loss in every update (0 = plain PPO)")
     ptx_data: str = opt("", "token-shard directory (from `tinygpt prepare`) for the PPO-ptx batches")
-    ptx_batch_size: int = opt(8, "pretraining sequences per PPO-ptx batch")
+    ptx_batch_size: int = opt(8, "pretraining sequences per PPO-ptx batch, per rank under torchrun")
     ptx_block_size: int = opt(0, "length of each PPO-ptx sequence (0 = the policy's block_size)")
     # bookkeeping
     max_steps: int = opt(200, "rollouts in the whole run")
@@ -292,10 +304,11 @@ def response_values(value_model: GPT, batch: Batch) -> Tensor:
     return value_model.scalar(hidden[:, batch.prompt_len - 1:-1]).float()  # (B, R)
 
 
-def _explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
-    """1 - Var(returns - values) / Var(returns) over response tokens (1 = perfect, <= 0 = no better than a constant)."""
+def _explained_variance(values: Tensor, returns: Tensor, mask: Tensor, reduce=None) -> float:
+    """1 - Var(returns - values) / Var(returns) over response tokens (1 = perfect, <= 0 = no better than a constant);
+    over every rank's tokens with ``reduce`` (see ``losses.masked_mean``)."""
     def var(x: Tensor) -> Tensor:
-        return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+        return masked_mean((x - masked_mean(x, mask, reduce)) ** 2, mask, reduce)
 
     total = var(returns)
     return float(1.0 - var(returns - values) / total) if total > 0 else float("nan")
@@ -335,8 +348,6 @@ def _check_config(cfg: PPOConfig) -> None:
         raise ValueError("--ptx-coef > 0 needs --ptx-data (a token-shard directory from `tinygpt prepare`)")
     if not 0 < cfg.clip_ratio or not 0 < cfg.value_clip:
         raise ValueError("--clip-ratio and --value-clip must be > 0")
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise ValueError("tinygpt ppo runs in one process; launch it without torchrun")
 
 
 # --- the stage ----------------------------------------------------------------------------------
@@ -345,7 +356,9 @@ def _check_config(cfg: PPOConfig) -> None:
 def main(cfg: PPOConfig) -> dict[str, Any]:
     # --- setup -----------------------------------------------------------------------------
     _check_config(cfg)
-    device = runtime.resolve_device(cfg.device)
+    dist_info, device = runtime.init_distributed(cfg.device)
+    rank, world = dist_info.rank, dist_info.world_size
+    reduce = runtime.all_reduce_sum if dist_info.enabled else None  # global means over all ranks' answers
     dtype = runtime.resolve_dtype(cfg.dtype, device)
     out = Path(cfg.out)
     runtime.seed_everything(cfg.seed)
@@ -420,29 +433,38 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
         kl_ctl.load_state_dict(state["kl_controller"])
         restore_rng_state(state["rng"])
         start_step = int(state["step"])
-    save_config(cfg, out / "resolved_config.json")
-    metrics = MetricsWriter(out, resume_step=start_step if cfg.resume else None)
+    metrics = MetricsWriter(out, resume_step=start_step if cfg.resume else None, enabled=dist_info.is_main)
     samples_path = out / "samples.jsonl"
-    _truncate_records(samples_path, start_step if cfg.resume else None)
-    print(f"ppo: policy {policy.num_params() / 1e6:.2f}M params from {policy_ckpt}, value model from "
-          f"{cfg.value_init} ({value_model.num_params() / 1e6:.2f}M), {len(prompts)} prompts, "
-          f"{cfg.rollout_batch} answers/rollout, device {device}, compute {str(dtype).replace('torch.', '')}"
-          + (f", PPO-ptx coef {cfg.ptx_coef} on {cfg.ptx_data}" if ptx is not None else ""))
+    if dist_info.is_main:
+        save_config(cfg, out / "resolved_config.json")
+        _truncate_records(samples_path, start_step if cfg.resume else None)
+        print(f"ppo: policy {policy.num_params() / 1e6:.2f}M params from {policy_ckpt}, value model from "
+              f"{cfg.value_init} ({value_model.num_params() / 1e6:.2f}M), {len(prompts)} prompts, "
+              f"{cfg.rollout_batch * world} answers/rollout ({world} rank(s)), device {device}, "
+              f"compute {str(dtype).replace('torch.', '')}"
+              + (f", PPO-ptx coef {cfg.ptx_coef} on {cfg.ptx_data}" if ptx is not None else ""))
 
-    def save(step: int, extra: dict[str, Any]) -> Path:
+    def save(step: int, extra: dict[str, Any]) -> Path | None:
+        """Rank 0 writes the checkpoint (every rank holds the same weights); the others wait for it."""
+        if not dist_info.is_main:
+            runtime.barrier()
+            return None
         state = {"step": step, "policy_optimizer": policy_opt.state_dict(),
                  "value_optimizer": value_opt.state_dict(), "value_model": value_model.state_dict(),
                  "value_config": vcfg.to_dict(), "kl_controller": kl_ctl.state_dict(), "rng": capture_rng_state(),
                  "reference": reference_info, "reward": reward_info, "config": to_jsonable(cfg)}
-        return save_training_checkpoint(out, step, keep_last=cfg.keep_last, model=policy, model_config=pcfg,
+        path = save_training_checkpoint(out, step, keep_last=cfg.keep_last, model=policy, model_config=pcfg,
                                         tokenizer_json=tokenizer.to_str(), trainer_state=state,
                                         meta={"stage": "ppo", "step": step, "reference": reference_info,
                                               "reward": reward_info, **extra})
+        runtime.barrier()
+        return path
 
-    def sample_answers(records: list[dict], sampling: SamplingConfig) -> list[list[int]]:
+    def sample_answers(records: list[dict], sampling: SamplingConfig,
+                       row_seeds: list[int] | None = None) -> list[list[int]]:
         # the stop token stays in the answer (a plain predicate trims nothing): ending is an action too
         return generate(policy, [r["ids"] for r in records], sampling,
-                        should_stop=lambda new: new[-1] in stop_ids)
+                        should_stop=lambda new: new[-1] in stop_ids, row_seeds=row_seeds)
 
     def answer_text(response: list[int]) -> str:
         body = response[:-1] if response and response[-1] in stop_ids else response
@@ -473,10 +495,14 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
     # --- loop ------------------------------------------------------------------------------
     end_step = cfg.max_steps if cfg.stop_after <= 0 else min(cfg.max_steps, start_step + cfg.stop_after)
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="ppo", unit="rollout", dynamic_ncols=True,
-               disable=not cfg.progress)
+               disable=not (cfg.progress and dist_info.is_main))
+
+    def global_mean(x: Tensor, mask: Tensor | None = None) -> float:
+        """Mean over every rank's rows (or masked tokens) together."""
+        return float(masked_mean(x, mask, reduce))
     last: dict[str, Any] = {}
     step = start_step
-    samples_file = open(samples_path, "a", encoding="utf-8")
+    samples_file = open(samples_path, "a", encoding="utf-8") if dist_info.is_main else None
     try:
         interrupted = False
         with runtime.GracefulStop() as stop:
@@ -489,11 +515,14 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                 kl_coef = kl_ctl.value
 
                 # --- rollout: sample, score, evaluate log-probs and values ---------------------
-                records = [prompts[i] for i in _prompt_indices(step, cfg.rollout_batch, len(prompts), cfg.seed)]
-                sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                          seed=_derived_seed(cfg.seed, step, 1))
+                # this rank's rows of the step's global batch; each answer's sampling seed is its global row's
+                global_rows = range(rank * cfg.rollout_batch, (rank + 1) * cfg.rollout_batch)
+                indices = _prompt_indices(step, cfg.rollout_batch * world, len(prompts), cfg.seed)
+                records = [prompts[indices[g]] for g in global_rows]
+                sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+                row_seeds = [_derived_seed(cfg.seed, step, 1, g) for g in global_rows]
                 with runtime.autocast(device, dtype):
-                    responses = sample_answers(records, sampling)
+                    responses = sample_answers(records, sampling, row_seeds)
                 texts = [answer_text(r) for r in responses]
                 scores = rm_scores(records, texts)  # (B,)
                 batch = make_batch([r["ids"] for r in records], responses, tokenizer.pad_id, device)
@@ -503,7 +532,7 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                 with torch.no_grad(), runtime.autocast(device, dtype):
                     logits = response_logits(policy, batch, cfg.temperature)  # (B, R, V)
                     old_logprobs = token_logprobs(logits, batch.responses)  # (B, R)
-                    entropy = float(entropy_from_logits(logits, mask))
+                    entropy = float(entropy_from_logits(logits, mask, reduce))
                     del logits
                     ref_logprobs = token_logprobs(response_logits(reference, batch, cfg.temperature),
                                                   batch.responses)  # (B, R)
@@ -516,9 +545,9 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                     last_token = mask.sum(1).long() - 1  # (B,) index of each answer's last token
                     token_rewards[torch.arange(len(records), device=device), last_token] += scores
                     if cfg.whiten_rewards:
-                        token_rewards = whiten(token_rewards, mask, shift_mean=False)
+                        token_rewards = whiten(token_rewards, mask, shift_mean=False, reduce=reduce)
                     advantages, returns = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)  # (B, R) each
-                    advantages = whiten(advantages, mask)
+                    advantages = whiten(advantages, mask, reduce=reduce)
                 kl_per_answer = kl_tokens.sum(1)  # (B,)
 
                 # --- PPO epochs over shuffled minibatches ----------------------------------
@@ -526,24 +555,31 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                 n_updates = 0
                 n = len(records)
                 for epoch in range(cfg.ppo_epochs):
-                    order = np.random.default_rng([cfg.seed, step, epoch, 2]).permutation(n)
+                    order = np.random.default_rng([cfg.seed, step, epoch, 2, rank]).permutation(n)  # this rank's rows
                     for start in range(0, n, cfg.minibatch_size):
                         rows = torch.as_tensor(order[start:start + cfg.minibatch_size], device=device)
                         mb = batch.rows(rows)
+                        # this rank's share of the global minibatch's tokens (x world: ranks are averaged)
+                        weight = 1.0
+                        if reduce is not None:
+                            tokens = mb.mask.sum()
+                            weight = tokens * world / reduce(tokens)
                         with runtime.autocast(device, dtype):
                             logprobs = token_logprobs(response_logits(policy, mb, cfg.temperature), mb.responses)
                             values = response_values(value_model, mb)  # (b, R)
                             losses = ppo_losses(logprobs, old_logprobs[rows], advantages[rows], values,
                                                 old_values[rows], returns[rows], mb.mask, cfg.clip_ratio,
                                                 cfg.value_clip)
+                            losses = {k: v * weight for k, v in losses.items()}  # all token means
                             loss = losses["policy_loss"] + losses["value_loss"]  # separate models: no vf_coef
                             if ptx is not None:
                                 x, y = ptx.batch(step * cfg.ppo_epochs * math.ceil(n / cfg.minibatch_size) + n_updates,
-                                                 cfg.ptx_batch_size, ptx_block, seed=cfg.seed)
+                                                 cfg.ptx_batch_size, ptx_block, seed=cfg.seed, rank=rank,
+                                                 world_size=world)
                                 ptx_loss = lm_loss(policy(x.to(device)), y.to(device))
                                 loss = loss + cfg.ptx_coef * ptx_loss
                                 losses = {**losses, "ptx_loss": ptx_loss}
-                        loss_value = float(loss.detach())
+                        loss_value = float(runtime.all_reduce_mean(loss.detach()))  # every rank sees a NaN
                         if not math.isfinite(loss_value):
                             raise TrainingDiverged(
                                 f"ppo step {step}: loss {loss_value} ({ {k: float(v.detach()) for k, v in losses.items()} }). "
@@ -551,6 +587,8 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                                 f"{latest_checkpoint(out)}. Try a lower --lr (now {cfg.lr}), a larger --kl-coef, "
                                 f"or --dtype float32.")
                         loss.backward()
+                        runtime.average_gradients(policy)
+                        runtime.average_gradients(value_model)
                         if cfg.grad_clip > 0:
                             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
                             torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.grad_clip)
@@ -562,34 +600,43 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                             sums[k] = sums.get(k, 0.0) + float(v.detach())
                         n_updates += 1
 
-                mean_kl = float(kl_per_answer.mean())
-                kl_ctl.update(mean_kl, n)
+                mean_kl = global_mean(kl_per_answer)
+                kl_ctl.update(mean_kl, n * world)
                 step += 1
                 bar.update(1)
 
                 # --- logs, samples, evaluation, checkpoint --------------------------------------
                 graded = oracle_scores(records, texts) if labeler is not None else []
                 if step % cfg.log_every == 0 or step == end_step:
+                    reward = global_mean(scores)
+                    ended = torch.tensor([bool(r) and r[-1] in stop_ids for r in responses], dtype=torch.float32)
                     record: dict[str, Any] = {
-                        "step": step, "reward": float(scores.mean()), "reward_std": float(scores.std(unbiased=False)),
-                        "total_reward": float((scores - kl_coef * kl_per_answer).mean()),  # before any whitening
+                        "step": step, "reward": reward, "reward_std": math.sqrt(global_mean((scores - reward) ** 2)),
+                        "total_reward": global_mean(scores - kl_coef * kl_per_answer),  # before any whitening
                         "kl": mean_kl, "kl_coef": kl_coef, "entropy": entropy,
-                        **{k: v / max(n_updates, 1) for k, v in sums.items()},
-                        "explained_var": _explained_variance(old_values, returns, mask),
-                        "value_mean": float(masked_mean(old_values, mask)),
-                        "response_len": float(mask.sum(1).mean()),
-                        "ended": float(np.mean([bool(r) and r[-1] in stop_ids for r in responses])),
+                        **{k: float(runtime.all_reduce_mean(torch.tensor(v / max(n_updates, 1), device=device)))
+                           for k, v in sums.items()},
+                        "explained_var": _explained_variance(old_values, returns, mask, reduce),
+                        "value_mean": global_mean(old_values, mask),
+                        "response_len": global_mean(mask.sum(1)),
+                        "ended": global_mean(ended.to(device)),
                         "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
-                    done = [g for g in graded if g is not None]
-                    if done:
-                        record["oracle_helpful"] = float(np.mean([g["helpful"] for g in done]))
-                        record["oracle_utility"] = float(np.mean([g["utility"] for g in done]))
-                        record["rude"] = float(np.mean([g["harmless"] == 0 for g in done]))
+                    # the oracle grades only prompts that carry task metadata: a mean over the graded ones
+                    done = torch.tensor([[g["helpful"], g["utility"], float(g["harmless"] == 0)]
+                                         for g in graded if g is not None], dtype=torch.float32).reshape(-1, 3)
+                    sums_graded = done.sum(0).to(device)  # (3,)
+                    count = torch.tensor(float(len(done)), device=device)
+                    if reduce is not None:
+                        sums_graded, count = reduce(sums_graded), reduce(count)
+                    if count > 0:
+                        helpful, utility, rude = (sums_graded / count).tolist()
+                        record.update({"oracle_helpful": helpful, "oracle_utility": utility, "rude": rude})
                     metrics.log(record)
                     last = record
                     bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{mean_kl:.3f}",
                                     len=f"{record['response_len']:.1f}")
-                if cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == end_step):
+                if samples_file is not None and cfg.sample_every > 0 and (step % cfg.sample_every == 0
+                                                                         or step == end_step):
                     for i in range(min(cfg.sample_count, n)):
                         entry = {"step": step, "prompt": records[i]["prompt"], "response": texts[i],
                                  "reward": float(scores[i]), "kl": float(kl_per_answer[i]),
@@ -599,7 +646,7 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                             entry["oracle"] = graded[i]
                         samples_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
                     samples_file.flush()
-                if eval_prompts and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                if eval_prompts and dist_info.is_main and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                     result = evaluate(step)
                     metrics.log(result)
                     last.update({k: v for k, v in result.items() if k != "step"})
@@ -607,20 +654,24 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                                                                   if k != "step"))
                 if step % cfg.save_every == 0 and step != end_step:
                     save(step, {"reward": last.get("reward"), "kl": last.get("kl")})
-                if stop.stop:
-                    bar.write(f"interrupted: saving step {step} (resume with --resume)")
+                if runtime.all_reduce_mean(torch.tensor(float(stop.stop), device=device)).item() > 0:
+                    if dist_info.is_main:
+                        bar.write(f"interrupted: saving step {step} (resume with --resume)")
                     interrupted = True
                     break
     finally:
-        samples_file.close()
+        if samples_file is not None:
+            samples_file.close()
         bar.close()
 
     # --- save ------------------------------------------------------------------------------
     ckpt = save(step, {k: v for k, v in last.items() if k != "step"})
     metrics.close()
-    recs = read_metrics(out / "metrics.jsonl")
-    plot_curves(recs, ["reward", "total_reward", "oracle_utility", "eval_reward"], out / "reward.png",
-                title="PPO reward (RM score) and the oracle's utility")
-    plot_curves(recs, ["kl"], out / "kl.png", title="KL(policy || SFT) per answer, nats")
-    print(f"ppo: step {step}/{cfg.max_steps}, checkpoint {ckpt}")
+    if dist_info.is_main:
+        recs = read_metrics(out / "metrics.jsonl")
+        plot_curves(recs, ["reward", "total_reward", "oracle_utility", "eval_reward"], out / "reward.png",
+                    title="PPO reward (RM score) and the oracle's utility")
+        plot_curves(recs, ["kl"], out / "kl.png", title="KL(policy || SFT) per answer, nats")
+        print(f"ppo: step {step}/{cfg.max_steps}, checkpoint {ckpt}")
+    runtime.cleanup_distributed()
     return {"interrupted": interrupted, "step": step, "checkpoint": str(ckpt), **{k: v for k, v in last.items() if k != "step"}}
