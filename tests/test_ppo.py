@@ -146,6 +146,40 @@ def test_policy_learns_a_toy_reward_while_kl_stays_finite(world, tmp_path, monke
     assert all(r["kl"] is not None and abs(r["kl"]) < 1e3 for r in recs)  # None: NaN/inf in the log
 
 
+def test_story_prompts_get_the_long_answer_budget(world, tmp_path):
+    """Answers to write_story prompts may run to --long-max-new-tokens, the others stop at --max-new-tokens
+    (a random policy rarely ends, so answers run to their budget); minibatches mix both lengths."""
+    prompts = tmp_path / "mixed.jsonl"
+    with open(prompts, "w") as f:
+        for i, text in enumerate(PROMPTS):
+            family = "write_story" if i % 2 else "arithmetic"
+            f.write(json.dumps({"prompt": text, "family": family, "meta": {"family": family, "gold": "4"}}) + "\n")
+    ppo.main(_cfg(world, tmp_path / "run", prompts=str(prompts), max_new_tokens=3, long_max_new_tokens=12,
+                  sample_count=8, oracle=False))
+    family = {text: ("write_story" if i % 2 else "arithmetic") for i, text in enumerate(PROMPTS)}
+    lengths: dict[str, list[int]] = {"write_story": [], "arithmetic": []}
+    for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        lengths[family[entry["prompt"][-1]["content"]]].append(entry["length"])
+    assert lengths["arithmetic"] and max(lengths["arithmetic"]) <= 3
+    assert lengths["write_story"] and max(lengths["write_story"]) > 3 and max(lengths["write_story"]) <= 12
+
+
+def test_answers_that_fill_the_context_are_still_scored(world, tmp_path):
+    """An answer that fills the context exactly: the random byte-level policy samples bytes that are not
+    UTF-8, whose decoded text re-encodes longer than what was sampled; the RM reads the sampled ids."""
+    text = "what is two and two?"
+    tok = Tokenizer.load(world["sft"])
+    prompt_len = len(tok.render_chat([{"role": "user", "content": text}], add_generation_prompt=True)[0])
+    budget = 48 - prompt_len - 1  # block_size 48; 1 for the RM's closing <|end|>
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": text, "family": "arithmetic"}) + "\n" for _ in range(8)))
+    ppo.main(_cfg(world, tmp_path / "run", prompts=str(prompts), max_new_tokens=budget, max_steps=1, sample_count=8,
+                  oracle=False))
+    lengths = [json.loads(line)["length"] for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert max(lengths) == budget
+
+
 def test_ptx_adds_the_pretraining_loss(world, tmp_path):
     ppo.main(_cfg(world, tmp_path / "plain", max_steps=1))
     ppo.main(_cfg(world, tmp_path / "ptx", max_steps=1, ptx_coef=1.0, ptx_data=str(world["shards"]),
@@ -280,6 +314,22 @@ def test_prompt_order_visits_every_prompt_once_per_pass():
     seen = [i for step in range(3) for i in ppo._prompt_indices(step, 4, 12, seed=1)]
     assert sorted(seen) == list(range(12))
     assert ppo._prompt_indices(5, 4, 12, seed=1) == ppo._prompt_indices(5, 4, 12, seed=1)
+
+
+def test_minibatches_cover_every_row_once_and_group_by_length():
+    import numpy as np
+
+    lengths = np.array([3, 40, 2, 3, 38, 5, 1, 3, 2, 4])
+    for by_length in (False, True):
+        batches = ppo._minibatches(lengths, 4, np.random.default_rng(0), by_length)
+        assert sorted(np.concatenate(batches).tolist()) == list(range(10))
+        assert [len(b) for b in sorted(batches, key=len, reverse=True)] == [4, 4, 2]
+    grouped = ppo._minibatches(lengths, 4, np.random.default_rng(0), True)
+    widest = [b for b in grouped if 1 in b][0]
+    assert 4 in widest and sorted(lengths[widest].tolist()) == [4, 5, 38, 40]  # the two long answers together
+    orders = {tuple(tuple(b) for b in ppo._minibatches(lengths, 4, np.random.default_rng(seed), True))
+              for seed in range(20)}
+    assert len(orders) > 1  # the order of the minibatches (and ties) stays random
 
 
 def test_load_prompts_accepts_strings_and_names_bad_lines(tmp_path):

@@ -195,6 +195,35 @@ def test_rank_stage_writes_rankings_pairs_and_a_val_split(tmp_path, tok):
     assert (out / "rankings.jsonl").read_bytes() == first
 
 
+def test_stories_get_the_long_answer_budget(tmp_path):
+    """A random policy rarely ends an answer, so answers run to their budget: 6 tokens for sums,
+    20 for stories (``--long-max-new-tokens``), or 6 for both when it is 0. The tokenizer has no
+    merges, so a token decodes to at most one character."""
+    tok = Tokenizer.train(["a small corpus"], vocab_size=263, show_progress=False)  # bytes only
+    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=2, n_head=2, d_model=32)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "sft", model=GPT(cfg), model_config=cfg, tokenizer_json=tok.to_str(), meta={"stage": "sft"})
+    items = [FAMILIES[f].item(i) for f in ("arithmetic", "write_story") for i in range(4)]
+    prompts = _write(tmp_path / "rl_prompts.jsonl", [
+        {"prompt": [{"role": "user", "content": it.instruction}], "family": it.family, "index": it.index,
+         "meta": it.meta} for it in items])
+
+    def longest(long_budget: int) -> dict[str, int]:
+        out = tmp_path / f"rank{long_budget}"
+        rank.main(RankConfig(policy=str(tmp_path / "sft"), prompts=str(prompts), out=str(out), k=2, max_new_tokens=6,
+                             long_max_new_tokens=long_budget, val_fraction=0.0, batch_size=4, device="cpu",
+                             progress=False, seed=5))
+        chars: dict[str, int] = {}
+        for line in (out / "rankings.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            chars[r["family"]] = max([chars.get(r["family"], 0)] + [len(c) for c in r["completions"]])
+        return chars
+
+    long, short = longest(20), longest(0)
+    assert long["arithmetic"] <= 6 and short["arithmetic"] <= 6 and short["write_story"] <= 6
+    assert 10 <= long["write_story"] <= 20
+
+
 def test_rank_rejects_prompts_the_labeler_cannot_grade(tmp_path, tok):
     cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, d_model=32)
     save_checkpoint(tmp_path / "sft", model=GPT(cfg), model_config=cfg, tokenizer_json=tok.to_str(), meta={})

@@ -154,3 +154,11 @@ def test_some_story_requests_are_open_and_any_good_story_answers_them():
     assert grade(item, "15") == 0.0
     constrained = next(it for it in items if it not in open_items)
     assert grade(constrained, other) < grade(constrained, constrained.answer)
+
+
+def test_answer_budget_gives_stories_the_long_budget():
+    from tinygpt.world.tasks import answer_budget
+
+    assert answer_budget("write_story", 48, 192) == 192
+    assert [answer_budget(f, 48, 192) for f in FAMILIES if f != "write_story"] == [48] * (len(FAMILIES) - 1)
+    assert answer_budget(None, 48, 192) == answer_budget("no_such_family", 48, 192) == 48

@@ -48,7 +48,7 @@ from tinygpt.model import GPT
 from tinygpt.tokenizer import Tokenizer
 from tinygpt.world.labeler import Labeler
 from tinygpt.world.oracle import NoveltyIndex, is_rude, story_scores
-from tinygpt.world.tasks import grade
+from tinygpt.world.tasks import DEFAULT_LONG_ANSWER_TOKENS, answer_budget, grade
 
 STORY_REQUEST = "Write a short story."
 
@@ -62,7 +62,9 @@ class EvaluateConfig:
     out: str = opt("runs/eval", "directory for eval.json, eval.md and answers/")
     max_items: int = opt(0, "test items per task family (0 = all of them)")
     shots: int = opt(3, "demonstrations per question for base (pretrain) checkpoints: 0, 1 or k")
-    max_new_tokens: int = opt(48, "most tokens per task answer (write_story answers get up to the context)")
+    max_new_tokens: int = opt(48, "most tokens per task answer")
+    long_max_new_tokens: int = opt(DEFAULT_LONG_ANSWER_TOKENS, "most tokens per answer of the families whose answers "
+                                   "are whole stories (write_story); 0 = as many as the context holds")
     n_stories: int = opt(50, "stories sampled per checkpoint for the oracle (0 = skip)")
     story_temperature: float = opt(0.7, "sampling temperature of those stories")
     max_story_tokens: int = opt(0, "most tokens per sampled story (0 = as many as the context holds)")
@@ -137,12 +139,13 @@ class Answerer:
         self.model, self.tok, self.kind, self.train, self.cfg = model, tokenizer, kind, train_records, cfg
 
     def _by_family(self, records: list[dict]) -> Iterator[tuple[list[int], int]]:
-        """(row indices, answer token budget) per family: write_story answers get up to the context."""
+        """(row indices, answer token budget) per family: stories get the long budget (``tasks.answer_budget``)."""
         by_family: dict[str, list[int]] = defaultdict(list)
         for i, r in enumerate(records):
             by_family[r["family"]].append(i)
+        long_budget = self.cfg.long_max_new_tokens or self.model.cfg.block_size
         for family, rows in by_family.items():
-            yield rows, self.model.cfg.block_size if family == "write_story" else self.cfg.max_new_tokens
+            yield rows, answer_budget(family, self.cfg.max_new_tokens, long_budget)
 
     def greedy(self, records: list[dict]) -> list[str]:
         """One greedy answer per record ('' where the question does not fit the context)."""

@@ -5,7 +5,9 @@ models from human preferences". Each step (one *rollout*):
 
 1. sample ``rollout_batch`` prompts and let the policy answer them (``tinygpt.generate``, each answer
    with its own generator seeded by (seed, step, row), so a resumed run samples the same answers, and
-   so does a run split over more or fewer ranks);
+   so does a run split over more or fewer ranks), each within its family's budget
+   (``--max-new-tokens``, or ``--long-max-new-tokens`` for a story: ``world.tasks.answer_budget``, the
+   budgets `tinygpt rank` and `tinygpt evaluate` use, so the RM judges whole stories here too);
 2. score each answer with the reward model (RM score minus its ``shift``), and compute every response
    token's log-probability under the policy, under the frozen SFT *reference*, and its value;
 3. reward per token ``r_t = -kl_coef * KL_t``, plus the RM score at the last response token
@@ -83,7 +85,7 @@ from tinygpt.model import GPT
 from tinygpt.optim import lr_at, make_optimizer, set_lr
 from tinygpt.tokenizer import Tokenizer, validate_messages
 from tinygpt.world.labeler import Labeler
-from tinygpt.world.tasks import FAMILIES
+from tinygpt.world.tasks import DEFAULT_LONG_ANSWER_TOKENS, FAMILIES, answer_budget
 from tinygpt.runtime import TrainingDiverged  # noqa: F401 (re-exported for callers)
 
 VALUE_INITS = ("reward", "sft")
@@ -101,9 +103,14 @@ class PPOConfig:
     rollout_batch: int = opt(32, "prompts answered per rollout (one PPO step), per rank under torchrun")
     temperature: float = opt(1.0, "sampling temperature of the rollouts (> 0; log-probs use the same one)")
     max_new_tokens: int = opt(48, "longest answer sampled, in tokens")
+    long_max_new_tokens: int = opt(DEFAULT_LONG_ANSWER_TOKENS, "longest answer sampled for prompts of the families whose "
+                                   "answers are whole stories (write_story, from the prompt's 'family'); "
+                                   "0 = --max-new-tokens")
     # PPO
     ppo_epochs: int = opt(4, "passes over each rollout batch")
     minibatch_size: int = opt(8, "answers per PPO minibatch (one optimizer step each), per rank under torchrun")
+    group_by_length: bool = opt(True, "put answers of similar length in the same minibatch (the minibatches' order "
+                                      "stays random): a story then widens one minibatch, not most of them")
     lr: float = opt(2e-5, "policy learning rate (constant after warmup)")
     value_lr: float | None = opt(None, "value-model learning rate (None = --lr)")
     warmup_steps: int = opt(5, "rollouts of linear learning-rate warmup")
@@ -215,19 +222,33 @@ def load_prompts(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _encode_prompts(records: list[dict], tokenizer: Tokenizer, max_len: int, source: str) -> list[dict]:
-    """Render each prompt with the chat template; drop (and report) those longer than ``max_len``."""
-    kept = []
+def _encode_prompts(records: list[dict], tokenizer: Tokenizer, block_size: int, short: int, long: int,
+                    source: str) -> list[dict]:
+    """Render each prompt with the chat template and give it its answer budget.
+
+    The budget is ``tasks.answer_budget`` of the prompt's family (``long`` for stories, else ``short``),
+    or less if the group's longest prompt leaves less of the context: one budget per group, so an
+    answer does not depend on which batch (or rank) samples it. Prompts that leave less than the short
+    budget are dropped (and reported).
+    """
+    encoded = []
     for record in records:
         ids, _ = tokenizer.render_chat(record["prompt"], add_generation_prompt=True)
-        if len(ids) <= max_len:
-            kept.append({**record, "ids": ids})
-    if len(kept) < len(records):
-        print(f"ppo: {len(records) - len(kept)} of {len(records)} prompts in {source} are longer than "
-              f"{max_len} tokens (block_size - max_new_tokens - 1) and are left out")
-    if not kept:
-        raise ValueError(f"{source}: no prompt fits in {max_len} tokens; lower --max-new-tokens")
-    return kept
+        nominal = answer_budget(record.get("family") or (record.get("meta") or {}).get("family"), short, long)
+        if len(ids) + min(nominal, short) + 1 <= block_size:  # +1: the RM's rendering closes the turn
+            encoded.append((record, ids, nominal))
+    if len(encoded) < len(records):
+        print(f"ppo: {len(records) - len(encoded)} of {len(records)} prompts in {source} are longer than "
+              f"block_size {block_size} - max_new_tokens {short} - 1, and are left out")
+    if not encoded:
+        raise ValueError(f"{source}: no prompt fits in block_size {block_size} with its answer; lower --max-new-tokens")
+    budgets = {nominal: min(nominal, block_size - 1 - max(len(ids) for _, ids, n in encoded if n == nominal))
+               for nominal in {n for _, _, n in encoded}}
+    for nominal, budget in budgets.items():
+        if budget < nominal:
+            print(f"ppo: answers to the stories in {source} get {budget} tokens, not {nominal}: the longest "
+                  f"such prompt leaves no more of block_size {block_size}")
+    return [{**record, "ids": ids, "budget": budgets[nominal]} for record, ids, nominal in encoded]
 
 
 def _prompt_indices(step: int, rollout_batch: int, n_prompts: int, seed: int) -> list[int]:
@@ -240,6 +261,22 @@ def _prompt_indices(step: int, rollout_batch: int, n_prompts: int, seed: int) ->
             permutations[epoch] = np.random.default_rng([seed, epoch]).permutation(n_prompts)
         out.append(int(permutations[epoch][pos]))
     return out
+
+
+def _minibatches(lengths: np.ndarray, size: int, rng: np.random.Generator, by_length: bool) -> list[np.ndarray]:
+    """Row indices of each minibatch of one PPO epoch: a random partition of the rollout, or, ``by_length``,
+    the rows sorted longest first (equal lengths in random order), cut into minibatches taken in random order.
+
+    A minibatch is as wide as its longest answer (``Batch.rows``), so one story among short answers makes
+    every minibatch it lands in cost several times more. Grouping by length is Hugging Face's
+    ``group_by_length``; each epoch still visits every row once.
+    """
+    order = rng.permutation(len(lengths))
+    if not by_length:
+        return [order[i:i + size] for i in range(0, len(order), size)]
+    order = order[np.argsort(-lengths[order], kind="stable")]
+    chunks = [order[i:i + size] for i in range(0, len(order), size)]
+    return [chunks[j] for j in rng.permutation(len(chunks))]
 
 
 def _derived_seed(*parts: int) -> int:
@@ -272,8 +309,16 @@ class Batch:
     prompt_len: int
 
     def rows(self, index: Tensor) -> "Batch":
-        return Batch(self.ids[index], self.attention_mask[index], self.responses[index], self.mask[index],
-                     self.prompt_len)
+        """The rows ``index``, cut after their longest response (a minibatch without a story stays short)."""
+        width = max(1, int(self.mask[index].sum(1).max()))
+        end = self.prompt_len + width
+        return Batch(self.ids[index, :end], self.attention_mask[index, :end], self.responses[index, :width],
+                     self.mask[index, :width], self.prompt_len)
+
+    @property
+    def width(self) -> int:
+        """R, the response columns."""
+        return self.responses.shape[1]
 
 
 def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device: torch.device) -> Batch:
@@ -394,9 +439,9 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
     value_model.train()
 
     # --- data ------------------------------------------------------------------------------
-    max_prompt_len = pcfg.block_size - cfg.max_new_tokens - 1  # +1: the RM's rendering closes the turn
-    prompts = _encode_prompts(load_prompts(cfg.prompts), tokenizer, max_prompt_len, cfg.prompts)
-    eval_prompts = (_encode_prompts(load_prompts(cfg.eval_prompts), tokenizer, max_prompt_len, cfg.eval_prompts)
+    budgets = (pcfg.block_size, cfg.max_new_tokens, cfg.long_max_new_tokens or cfg.max_new_tokens)
+    prompts = _encode_prompts(load_prompts(cfg.prompts), tokenizer, *budgets, cfg.prompts)
+    eval_prompts = (_encode_prompts(load_prompts(cfg.eval_prompts), tokenizer, *budgets, cfg.eval_prompts)
                     [:cfg.eval_limit] if cfg.eval_prompts else [])
     ptx = TokenDataset(cfg.ptx_data, "train") if cfg.ptx_coef > 0 else None
     ptx_block = cfg.ptx_block_size or pcfg.block_size
@@ -460,18 +505,42 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
         runtime.barrier()
         return path
 
-    def sample_answers(records: list[dict], sampling: SamplingConfig,
-                       row_seeds: list[int] | None = None) -> list[list[int]]:
-        # the stop token stays in the answer (a plain predicate trims nothing): ending is an action too
-        return generate(policy, [r["ids"] for r in records], sampling,
-                        should_stop=lambda new: new[-1] in stop_ids, row_seeds=row_seeds)
+    def sample_answers(records: list[dict], temperature: float, row_seeds: list[int] | None = None) -> list[list[int]]:
+        """Each record's answer within its budget; records of one budget are sampled together, so the
+        short answers do not wait for the stories (with ``row_seeds`` the grouping changes no answer)."""
+        answers: list[list[int]] = [[] for _ in records]
+        for budget in sorted({r["budget"] for r in records}):
+            group = [i for i, r in enumerate(records) if r["budget"] == budget]
+            # the stop token stays in the answer (a plain predicate trims nothing): ending is an action too
+            got = generate(policy, [records[i]["ids"] for i in group],
+                           SamplingConfig(temperature=temperature, max_new_tokens=budget),
+                           should_stop=lambda new: new[-1] in stop_ids,
+                           row_seeds=[row_seeds[i] for i in group] if row_seeds is not None else None)
+            for i, answer in zip(group, got):
+                answers[i] = answer
+        return answers
 
     def answer_text(response: list[int]) -> str:
         body = response[:-1] if response and response[-1] in stop_ids else response
         return tokenizer.decode(body)
 
-    def rm_scores(records: list[dict], texts: list[str]) -> Tensor:
-        sequences = [rewards.render_prompt_response(reward_tokenizer, r["prompt"], t) for r, t in zip(records, texts)]
+    same_tokenizer = reward_tokenizer.fingerprint == tokenizer.fingerprint
+    reward_block = reward_model.cfg.block_size
+
+    def rm_sequence(record: dict, response: list[int], text: str) -> list[int]:
+        """What the RM reads: the prompt and the answer's text, rendered as in the comparison data."""
+        ids = rewards.render_prompt_response(reward_tokenizer, record["prompt"], text)
+        if len(ids) <= reward_block:
+            return ids
+        # Re-encoding sampled text can take more tokens than were sampled (a split the tokenizer would
+        # not make, or bytes that are not UTF-8). The sampled ids themselves fit, by the answer budget.
+        if same_tokenizer:
+            body = response[:-1] if response and response[-1] in stop_ids else response
+            return record["ids"] + body + [reward_tokenizer.end_id]
+        return ids[-reward_block:]  # another tokenizer: the start of the prompt gives way
+
+    def rm_scores(records: list[dict], responses: list[list[int]], texts: list[str]) -> Tensor:
+        sequences = [rm_sequence(r, a, t) for r, a, t in zip(records, responses, texts)]
         with torch.no_grad(), runtime.autocast(device, dtype):
             return rewards.score(reward_model, sequences, device, shift=reward_shift,
                                  batch_size=cfg.score_batch_size).float().clone().to(device)  # (B,)
@@ -480,9 +549,9 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
         return [labeler.scores(r["meta"], t) if gradeable(r) else None for r, t in zip(records, texts)]
 
     def evaluate(step: int) -> dict[str, Any]:
-        responses = sample_answers(eval_prompts, SamplingConfig(temperature=0.0, max_new_tokens=cfg.max_new_tokens))
+        responses = sample_answers(eval_prompts, temperature=0.0)
         texts = [answer_text(r) for r in responses]
-        scores = rm_scores(eval_prompts, texts)
+        scores = rm_scores(eval_prompts, responses, texts)
         record: dict[str, Any] = {"step": step, "eval_reward": float(scores.mean()),
                                   "eval_response_len": float(np.mean([len(r) for r in responses]))}
         graded = [g for g in oracle_scores(eval_prompts, texts) if g is not None]
@@ -519,24 +588,36 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                 global_rows = range(rank * cfg.rollout_batch, (rank + 1) * cfg.rollout_batch)
                 indices = _prompt_indices(step, cfg.rollout_batch * world, len(prompts), cfg.seed)
                 records = [prompts[indices[g]] for g in global_rows]
-                sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
                 row_seeds = [_derived_seed(cfg.seed, step, 1, g) for g in global_rows]
                 with runtime.autocast(device, dtype):
-                    responses = sample_answers(records, sampling, row_seeds)
+                    responses = sample_answers(records, cfg.temperature, row_seeds)
                 texts = [answer_text(r) for r in responses]
-                scores = rm_scores(records, texts)  # (B,)
+                scores = rm_scores(records, responses, texts)  # (B,)
                 batch = make_batch([r["ids"] for r in records], responses, tokenizer.pad_id, device)
                 mask = batch.mask  # (B, R)
+                lengths = np.array([len(r) for r in responses])
+                old_logprobs, ref_logprobs, old_values = (torch.zeros_like(mask) for _ in range(3))  # (B, R) each
+                entropy_sums = torch.zeros(2, device=device)  # sum of per-token entropies, tokens
                 policy.eval()
                 value_model.eval()
+                # in chunks of answers of similar length, each cut after its longest answer (Batch.rows)
+                by_length = np.argsort(-lengths, kind="stable")
                 with torch.no_grad(), runtime.autocast(device, dtype):
-                    logits = response_logits(policy, batch, cfg.temperature)  # (B, R, V)
-                    old_logprobs = token_logprobs(logits, batch.responses)  # (B, R)
-                    entropy = float(entropy_from_logits(logits, mask, reduce))
-                    del logits
-                    ref_logprobs = token_logprobs(response_logits(reference, batch, cfg.temperature),
-                                                  batch.responses)  # (B, R)
-                    old_values = response_values(value_model, batch) * mask  # (B, R)
+                    for first in range(0, len(by_length), cfg.minibatch_size):
+                        rows = torch.as_tensor(by_length[first:first + cfg.minibatch_size], device=device)
+                        part = batch.rows(rows)
+                        cut = slice(0, part.width)
+                        logits = response_logits(policy, part, cfg.temperature)  # (b, r, V)
+                        old_logprobs[rows, cut] = token_logprobs(logits, part.responses)
+                        tokens = part.mask.sum()
+                        entropy_sums += torch.stack([entropy_from_logits(logits, part.mask) * tokens, tokens])
+                        del logits
+                        ref_logprobs[rows, cut] = token_logprobs(response_logits(reference, part, cfg.temperature),
+                                                                 part.responses)
+                        old_values[rows, cut] = response_values(value_model, part) * part.mask
+                    if reduce is not None:
+                        entropy_sums = reduce(entropy_sums)
+                    entropy = float(entropy_sums[0] / entropy_sums[1])
                 policy.train()
                 value_model.train()
                 with torch.no_grad():
@@ -555,9 +636,9 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                 n_updates = 0
                 n = len(records)
                 for epoch in range(cfg.ppo_epochs):
-                    order = np.random.default_rng([cfg.seed, step, epoch, 2, rank]).permutation(n)  # this rank's rows
-                    for start in range(0, n, cfg.minibatch_size):
-                        rows = torch.as_tensor(order[start:start + cfg.minibatch_size], device=device)
+                    rng = np.random.default_rng([cfg.seed, step, epoch, 2, rank])  # this rank's rows
+                    for minibatch in _minibatches(lengths, cfg.minibatch_size, rng, cfg.group_by_length):
+                        rows = torch.as_tensor(minibatch, device=device)
                         mb = batch.rows(rows)
                         # this rank's share of the global minibatch's tokens (x world: ranks are averaged)
                         weight = 1.0
@@ -567,8 +648,9 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                         with runtime.autocast(device, dtype):
                             logprobs = token_logprobs(response_logits(policy, mb, cfg.temperature), mb.responses)
                             values = response_values(value_model, mb)  # (b, R)
-                            losses = ppo_losses(logprobs, old_logprobs[rows], advantages[rows], values,
-                                                old_values[rows], returns[rows], mb.mask, cfg.clip_ratio,
+                            cut = slice(0, mb.width)  # the rollout's tensors, cut like the minibatch
+                            losses = ppo_losses(logprobs, old_logprobs[rows, cut], advantages[rows, cut], values,
+                                                old_values[rows, cut], returns[rows, cut], mb.mask, cfg.clip_ratio,
                                                 cfg.value_clip)
                             losses = {k: v * weight for k, v in losses.items()}  # all token means
                             loss = losses["policy_loss"] + losses["value_loss"]  # separate models: no vf_coef

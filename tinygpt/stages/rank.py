@@ -3,7 +3,8 @@
 InstructGPT's step 2 data: for each prompt, K in 4..9 completions are shown to a labeler, who ranks
 them best first; the ranking gives K-choose-2 comparisons. Here the policy samples the K answers
 (batched, ``tinygpt.generate`` on the prompt rendered by ``render_chat(add_generation_prompt=True)``,
-stopping at ``<|end|>`` or EOS); every answer is scored by the oracle first, then
+stopping at ``<|end|>`` or EOS, after at most ``--max-new-tokens``, or ``--long-max-new-tokens`` for a
+story: ``world.tasks.answer_budget``, the budgets PPO and evaluate use too); every answer is scored by the oracle first, then
 ``tinygpt.world.labeler.Labeler`` ranks them: the oracle's utility (near misses get partial credit)
 plus Gumbel noise, with answers of (nearly) equal utility tied in one tier that makes no pair. The
 noise is set, by default, so that two labelers would agree on 73% of the pairs actually compared
@@ -45,7 +46,8 @@ from tinygpt.generate import SamplingConfig, generate
 from tinygpt.tokenizer import Tokenizer
 from tinygpt.world.export import write_jsonl
 from tinygpt.world.labeler import (DEFAULT_TIE_MARGIN, Labeler, calibrate_noise, compared_gaps, expected_agreement,
-                                   expected_label_accuracy,                                    tier_positions)
+                                   expected_label_accuracy, tier_positions)
+from tinygpt.world.tasks import DEFAULT_LONG_ANSWER_TOKENS, answer_budget
 
 
 @dataclass
@@ -60,6 +62,8 @@ class RankConfig:
     temperature: float = opt(1.0, "sampling temperature (diverse answers make informative comparisons)")
     top_p: float = opt(1.0, "nucleus sampling threshold (1 = off)")
     max_new_tokens: int = opt(64, "most tokens per answer")
+    long_max_new_tokens: int = opt(DEFAULT_LONG_ANSWER_TOKENS, "most tokens per answer of the families whose answers "
+                                   "are whole stories (write_story); 0 = --max-new-tokens")
     labeler_noise: float = opt(-1.0, "the simulated labeler's Gumbel noise on utilities (0 = the oracle's order; "
                                      "-1 = set it so two labelers would agree on --labeler-agreement of the pairs)")
     labeler_agreement: float = opt(0.73, "with --labeler-noise -1: the share of the compared pairs two independent "
@@ -141,13 +145,22 @@ def main(cfg: RankConfig) -> dict[str, Any]:
         raise CheckpointError(f"{cfg.policy}: tokenizer has {tokenizer.vocab_size} tokens, model {mcfg.vocab_size}")
     prompts = read_prompts(cfg.prompts, cfg.n_prompts)
     rendered = [tokenizer.render_chat(p, add_generation_prompt=True)[0] for _, p, _, _ in prompts]
-    room = mcfg.block_size - cfg.max_new_tokens
-    if room < 2:
+    long_budget = cfg.long_max_new_tokens or cfg.max_new_tokens
+    if mcfg.block_size - cfg.max_new_tokens < 2:
         raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in block_size {mcfg.block_size}")
-    usable = [i for i, ids in enumerate(rendered) if len(ids) <= room]
+    nominal = [answer_budget(meta.get("family"), cfg.max_new_tokens, long_budget) for _, _, meta, _ in prompts]
+    usable = [i for i, ids in enumerate(rendered) if len(ids) <= mcfg.block_size - min(nominal[i], cfg.max_new_tokens)]
     too_long = len(prompts) - len(usable)
     if not usable:
-        raise DataError(f"{cfg.prompts}: every prompt is longer than block_size - max_new_tokens = {room} tokens")
+        raise DataError(f"{cfg.prompts}: every prompt is longer than block_size - max_new_tokens = "
+                        f"{mcfg.block_size - cfg.max_new_tokens} tokens")
+    # one budget per group (stories, the rest), cut to what the group's longest prompt leaves of the context
+    group_budget = {n: min(n, mcfg.block_size - max(len(rendered[i]) for i in usable if nominal[i] == n))
+                    for n in {nominal[i] for i in usable}}
+    budgets = {i: group_budget[nominal[i]] for i in usable}
+    if group_budget.get(long_budget, long_budget) < long_budget:
+        print(f"rank: stories get {group_budget[long_budget]} tokens, not {long_budget}: the longest story "
+              f"prompt leaves no more of block_size {mcfg.block_size}")
     is_val = val_mask(len(usable), cfg.val_fraction, cfg.seed)
     tie_margin = cfg.tie_margin if cfg.tie_margin >= 0 else None
     grader = Labeler(0.0, tie_margin=tie_margin, partial_credit=cfg.partial_credit)  # the noise-free scores
@@ -157,20 +170,24 @@ def main(cfg: RankConfig) -> dict[str, Any]:
     sampled: list[tuple[int, list[str], list[dict[str, float]]]] = []  # (prompt, K completions, K scores)
     unfinished = 0
     bar = tqdm(total=len(usable), desc="rank", unit="prompt", dynamic_ncols=True, disable=not cfg.progress)
-    for b, first in enumerate(range(0, len(usable), prompts_per_batch)):
-        chunk = usable[first:first + prompts_per_batch]
-        sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+    # prompts with the same answer budget are batched together, so a story does not hold up short answers
+    groups = [[i for i in usable if budgets[i] == budget] for budget in sorted({budgets[i] for i in usable})]
+    chunks = [g[first:first + prompts_per_batch] for g in groups for first in range(0, len(g), prompts_per_batch)]
+    for b, chunk in enumerate(chunks):
+        budget = budgets[chunk[0]]
+        sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=budget,
                                   seed=cfg.seed * 100_003 + b)
         # K copies of each prompt, next to each other: rows [j*K, (j+1)*K) belong to prompt chunk[j]
         new_tokens = generate(model, [rendered[i] for i in chunk for _ in range(cfg.k)], sampling,
                               eos_id=tokenizer.eos_id, stop_sequences=[[tokenizer.end_id]])
         for j, i in enumerate(chunk):
             samples = new_tokens[j * cfg.k:(j + 1) * cfg.k]
-            unfinished += sum(len(s) == cfg.max_new_tokens for s in samples)
+            unfinished += sum(len(s) == budget for s in samples)
             completions = [tokenizer.decode(s, skip_special=True).strip() for s in samples]
             sampled.append((i, completions, [grader.scores(prompts[i][2], c) for c in completions]))
         bar.update(len(chunk))
     bar.close()
+    sampled.sort(key=lambda entry: entry[0])  # back in the prompts' order, which the validation split follows
 
     # --- the labeler's noise, then the rankings ---------------------------------------------------
     gaps = [gap for _, completions, scores in sampled  # utility gaps of the pairs a labeler will order
