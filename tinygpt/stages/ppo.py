@@ -224,31 +224,25 @@ def load_prompts(path: str | Path) -> list[dict[str, Any]]:
 
 def _encode_prompts(records: list[dict], tokenizer: Tokenizer, block_size: int, short: int, long: int,
                     source: str) -> list[dict]:
-    """Render each prompt with the chat template and give it its answer budget.
+    """Render each prompt with the chat template and give it its answer budget, ``tasks.answer_budget`` of
+    its family (``long`` for stories, else ``short``); drop (and report) the prompts that leave no room for it.
 
-    The budget is ``tasks.answer_budget`` of the prompt's family (``long`` for stories, else ``short``),
-    or less if the group's longest prompt leaves less of the context: one budget per group, so an
-    answer does not depend on which batch (or rank) samples it. Prompts that leave less than the short
-    budget are dropped (and reported).
+    A prompt keeps its whole budget or is dropped, never cut to what it leaves: an answer then does not
+    depend on the other prompts of its batch (or rank).
     """
-    encoded = []
+    kept = []
     for record in records:
         ids, _ = tokenizer.render_chat(record["prompt"], add_generation_prompt=True)
-        nominal = answer_budget(record.get("family") or (record.get("meta") or {}).get("family"), short, long)
-        if len(ids) + min(nominal, short) + 1 <= block_size:  # +1: the RM's rendering closes the turn
-            encoded.append((record, ids, nominal))
-    if len(encoded) < len(records):
-        print(f"ppo: {len(records) - len(encoded)} of {len(records)} prompts in {source} are longer than "
-              f"block_size {block_size} - max_new_tokens {short} - 1, and are left out")
-    if not encoded:
-        raise ValueError(f"{source}: no prompt fits in block_size {block_size} with its answer; lower --max-new-tokens")
-    budgets = {nominal: min(nominal, block_size - 1 - max(len(ids) for _, ids, n in encoded if n == nominal))
-               for nominal in {n for _, _, n in encoded}}
-    for nominal, budget in budgets.items():
-        if budget < nominal:
-            print(f"ppo: answers to the stories in {source} get {budget} tokens, not {nominal}: the longest "
-                  f"such prompt leaves no more of block_size {block_size}")
-    return [{**record, "ids": ids, "budget": budgets[nominal]} for record, ids, nominal in encoded]
+        budget = answer_budget(record.get("family") or (record.get("meta") or {}).get("family"), short, long)
+        if len(ids) + budget + 1 <= block_size:  # +1: the RM's rendering closes the turn
+            kept.append({**record, "ids": ids, "budget": budget})
+    if len(kept) < len(records):
+        print(f"ppo: {len(records) - len(kept)} of {len(records)} prompts in {source} leave less than their "
+              f"answer budget of block_size {block_size} ({short} tokens, {long} for a story, + 1) and are left out")
+    if not kept:
+        raise ValueError(f"{source}: no prompt leaves room for its answer in block_size {block_size}; "
+                         "lower --max-new-tokens (or --long-max-new-tokens)")
+    return kept
 
 
 def _prompt_indices(step: int, rollout_batch: int, n_prompts: int, seed: int) -> list[int]:

@@ -148,19 +148,12 @@ def main(cfg: RankConfig) -> dict[str, Any]:
     long_budget = cfg.long_max_new_tokens or cfg.max_new_tokens
     if mcfg.block_size - cfg.max_new_tokens < 2:
         raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in block_size {mcfg.block_size}")
-    nominal = [answer_budget(meta.get("family"), cfg.max_new_tokens, long_budget) for _, _, meta, _ in prompts]
-    usable = [i for i, ids in enumerate(rendered) if len(ids) <= mcfg.block_size - min(nominal[i], cfg.max_new_tokens)]
+    budgets = [answer_budget(meta.get("family"), cfg.max_new_tokens, long_budget) for _, _, meta, _ in prompts]
+    usable = [i for i, ids in enumerate(rendered) if len(ids) + budgets[i] <= mcfg.block_size]
     too_long = len(prompts) - len(usable)
     if not usable:
-        raise DataError(f"{cfg.prompts}: every prompt is longer than block_size - max_new_tokens = "
-                        f"{mcfg.block_size - cfg.max_new_tokens} tokens")
-    # one budget per group (stories, the rest), cut to what the group's longest prompt leaves of the context
-    group_budget = {n: min(n, mcfg.block_size - max(len(rendered[i]) for i in usable if nominal[i] == n))
-                    for n in {nominal[i] for i in usable}}
-    budgets = {i: group_budget[nominal[i]] for i in usable}
-    if group_budget.get(long_budget, long_budget) < long_budget:
-        print(f"rank: stories get {group_budget[long_budget]} tokens, not {long_budget}: the longest story "
-              f"prompt leaves no more of block_size {mcfg.block_size}")
+        raise DataError(f"{cfg.prompts}: no prompt leaves room for its answer in block_size {mcfg.block_size} "
+                        f"({cfg.max_new_tokens} tokens, {long_budget} for a story)")
     is_val = val_mask(len(usable), cfg.val_fraction, cfg.seed)
     tie_margin = cfg.tie_margin if cfg.tie_margin >= 0 else None
     grader = Labeler(0.0, tie_margin=tie_margin, partial_credit=cfg.partial_credit)  # the noise-free scores
