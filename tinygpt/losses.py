@@ -242,17 +242,24 @@ def ppo_losses(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
             "value_clip_frac": value_clip_frac, "approx_kl": approx_kl, "ratio": mean_ratio}
 
 
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each next-token distribution: logits (B, T, V) -> (B, T), float32.
+
+    ``H = logsumexp(z) - sum softmax(z) * z``.
+    """
+    z = logits.float()
+    p = torch.softmax(z, dim=-1)  # (B, T, V)
+    return torch.logsumexp(z, dim=-1) - (p * z).sum(-1)  # (B, T)
+
+
 def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor | None = None,
                         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Mean entropy (nats) of the next-token distributions: logits (B, T, V), mask (B, T) -> scalar.
 
-    ``H = logsumexp(z) - sum softmax(z) * z`` per position, in float32, averaged over masked positions
-    (of every worker, with ``reduce``: see :func:`masked_mean`).
+    :func:`token_entropy` averaged over masked positions (of every worker, with ``reduce``: see
+    :func:`masked_mean`).
     """
-    z = logits.float()
-    p = torch.softmax(z, dim=-1)  # (B, T, V)
-    entropy = torch.logsumexp(z, dim=-1) - (p * z).sum(-1)  # (B, T)
-    return masked_mean(entropy, mask, reduce)
+    return masked_mean(token_entropy(logits), mask, reduce)
 
 
 def preference_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,7 @@ from tinygpt.checkpoint import (WEIGHTS, CheckpointError, capture_rng_state, lat
 from tinygpt.config import opt, save_config, to_jsonable
 from tinygpt.data.shards import TokenDataset
 from tinygpt.generate import SamplingConfig, generate
-from tinygpt.losses import (entropy_from_logits, gae, kl_penalty, lm_loss, masked_mean, ppo_losses, token_logprobs,
+from tinygpt.losses import (gae, kl_penalty, lm_loss, masked_mean, ppo_losses, token_entropy, token_logprobs,
                             whiten)
 from tinygpt.metrics import MetricsWriter, plot_curves, read_metrics
 from tinygpt.model import GPT
@@ -103,8 +103,8 @@ class PPOConfig:
     rollout_batch: int = opt(32, "prompts answered per rollout (one PPO step), per rank under torchrun")
     temperature: float = opt(1.0, "sampling temperature of the rollouts (> 0; log-probs use the same one)")
     max_new_tokens: int = opt(48, "longest answer sampled, in tokens")
-    long_max_new_tokens: int = opt(DEFAULT_LONG_ANSWER_TOKENS, "longest answer sampled for prompts of the families whose "
-                                   "answers are whole stories (write_story, from the prompt's 'family'); "
+    long_max_new_tokens: int = opt(DEFAULT_LONG_ANSWER_TOKENS, "longest answer sampled for prompts of the families "
+                                   "whose answers are whole stories (write_story, from the prompt's 'family'); "
                                    "0 = --max-new-tokens")
     # PPO
     ppo_epochs: int = opt(4, "passes over each rollout batch")
@@ -514,9 +514,12 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                 answers[i] = answer
         return answers
 
+    def answer_body(response: list[int]) -> list[int]:
+        """The answer's tokens without the stop token it ended on."""
+        return response[:-1] if response and response[-1] in stop_ids else response
+
     def answer_text(response: list[int]) -> str:
-        body = response[:-1] if response and response[-1] in stop_ids else response
-        return tokenizer.decode(body)
+        return tokenizer.decode(answer_body(response))
 
     same_tokenizer = reward_tokenizer.fingerprint == tokenizer.fingerprint
     reward_block = reward_model.cfg.block_size
@@ -529,8 +532,7 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
         # Re-encoding sampled text can take more tokens than were sampled (a split the tokenizer would
         # not make, or bytes that are not UTF-8). The sampled ids themselves fit, by the answer budget.
         if same_tokenizer:
-            body = response[:-1] if response and response[-1] in stop_ids else response
-            return record["ids"] + body + [reward_tokenizer.end_id]
+            return record["ids"] + answer_body(response) + [reward_tokenizer.end_id]
         return ids[-reward_block:]  # another tokenizer: the start of the prompt gives way
 
     def rm_scores(records: list[dict], responses: list[list[int]], texts: list[str]) -> Tensor:
@@ -590,8 +592,7 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                 batch = make_batch([r["ids"] for r in records], responses, tokenizer.pad_id, device)
                 mask = batch.mask  # (B, R)
                 lengths = np.array([len(r) for r in responses])
-                old_logprobs, ref_logprobs, old_values = (torch.zeros_like(mask) for _ in range(3))  # (B, R) each
-                entropy_sums = torch.zeros(2, device=device)  # sum of per-token entropies, tokens
+                old_logprobs, ref_logprobs, old_values, entropies = (torch.zeros_like(mask) for _ in range(4))  # (B, R)
                 policy.eval()
                 value_model.eval()
                 # in chunks of answers of similar length, each cut after its longest answer (Batch.rows)
@@ -603,15 +604,12 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                         cut = slice(0, part.width)
                         logits = response_logits(policy, part, cfg.temperature)  # (b, r, V)
                         old_logprobs[rows, cut] = token_logprobs(logits, part.responses)
-                        tokens = part.mask.sum()
-                        entropy_sums += torch.stack([entropy_from_logits(logits, part.mask) * tokens, tokens])
+                        entropies[rows, cut] = token_entropy(logits)
                         del logits
                         ref_logprobs[rows, cut] = token_logprobs(response_logits(reference, part, cfg.temperature),
                                                                  part.responses)
                         old_values[rows, cut] = response_values(value_model, part) * part.mask
-                    if reduce is not None:
-                        entropy_sums = reduce(entropy_sums)
-                    entropy = float(entropy_sums[0] / entropy_sums[1])
+                    entropy = global_mean(entropies, mask)
                 policy.train()
                 value_model.train()
                 with torch.no_grad():
