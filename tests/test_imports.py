@@ -9,12 +9,12 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "tinygpt"
 
 LAYERS = [  # (layer, module prefixes); a module may import only from its own layer or below
-    (0, ["tinygpt", "tinygpt.config", "tinygpt.runtime", "tinygpt.metrics", "tinygpt.world", "tinygpt.tokenizer"]),
+    (0, ["tinygpt", "tinygpt.config", "tinygpt.runtime", "tinygpt.runlog", "tinygpt.world", "tinygpt.tokenizer"]),
     (1, ["tinygpt.data"]),
     (2, ["tinygpt.model"]),
     (3, ["tinygpt.losses", "tinygpt.optim"]),
     (4, ["tinygpt.checkpoint", "tinygpt.lora"]),
-    (5, ["tinygpt.generate", "tinygpt.rewards"]),
+    (5, ["tinygpt.generate", "tinygpt.reward_model"]),
     (6, ["tinygpt.eval"]),
     (7, ["tinygpt.stages"]),
     (8, ["tinygpt.pipeline", "tinygpt.chat", "tinygpt.serve", "tinygpt.export", "tinygpt.cli", "tinygpt.__main__"]),

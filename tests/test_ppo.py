@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tinygpt import rewards
+from tinygpt import reward_model as rm
 from tinygpt.checkpoint import load_model, load_trainer_state, resolve_checkpoint, save_checkpoint
 from tinygpt.data.shards import prepare_shards
-from tinygpt.metrics import read_metrics
+from tinygpt.runlog import read_metrics
 from tinygpt.model import GPT, ModelConfig
 from tinygpt.stages import ppo
 from tinygpt.stages.ppo import AdaptiveKLController, PPOConfig, load_prompts
@@ -97,14 +97,14 @@ def test_every_policy_parameter_changes_after_one_step(world, tmp_path):
 def test_first_step_is_on_policy_and_rm_scores_have_the_shift_removed(world, tmp_path, monkeypatch):
     """Before the first update the policy is the reference (KL 0) and the old log-probs are its own."""
     seen = []
-    real_score = rewards.score
+    real_score = rm.score
 
     def spy(model, sequences, device=None, shift=0.0, batch_size=32):
         out = real_score(model, sequences, device, shift=shift, batch_size=batch_size)
         seen.append((shift, out + shift, real_score(model, sequences, device)))
         return out
 
-    monkeypatch.setattr(rewards, "score", spy)
+    monkeypatch.setattr(rm, "score", spy)
     ppo.main(_cfg(world, tmp_path / "run", max_steps=1, ppo_epochs=1, minibatch_size=8))
     rec = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r][-1]
     assert rec["kl"] == pytest.approx(0.0, abs=1e-6)
@@ -129,7 +129,7 @@ def test_policy_learns_a_toy_reward_while_kl_stays_finite(world, tmp_path, monke
         with torch.no_grad():
             return float(model(torch.tensor([ids]))[0, -1].softmax(-1)[x_id])
 
-    monkeypatch.setattr(rewards, "score", count_x)
+    monkeypatch.setattr(rm, "score", count_x)
     cfg = _cfg(world, tmp_path / "run", max_steps=30, rollout_batch=16, minibatch_size=8, ppo_epochs=2, lr=3e-3,
                kl_coef=0.01, sample_every=0, oracle=False)
     ppo.main(cfg)

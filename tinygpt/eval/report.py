@@ -12,7 +12,7 @@ an inline style sheet, no external asset, every piece of model or user text pass
 2. **Reading**: sentences computed from that table (what raised accuracy, what lowered rudeness,
    whether PPO-ptx kept perplexity within 5% of SFT's): no number in them is written by hand.
 3. **Curves**: pretraining/SFT loss, reward-model accuracy, PPO reward and KL, DPO loss, each drawn
-   with :func:`tinygpt.metrics.plot_curves` from the stage's ``metrics.jsonl``.
+   with :func:`tinygpt.runlog.plot_curves` from the stage's ``metrics.jsonl``.
 4. **Same prompts, every model**: greedy answers through the chat template
    (:func:`tinygpt.eval.tasks.answer`) for chat checkpoints, a plain-text continuation for a base model.
 5. **Contamination**: the 13-gram overlap table of ``eval.json``.
@@ -41,7 +41,7 @@ from tinygpt.checkpoint import CheckpointError, load_meta, load_model, load_toke
 from tinygpt.eval.attention import attention_maps, interesting_heads, plot_attention, token_labels
 from tinygpt.eval.tasks import answer
 from tinygpt.generate import SamplingConfig, generate
-from tinygpt.metrics import plot_curves, read_metrics
+from tinygpt.runlog import plot_curves, read_metrics
 from tinygpt.tokenizer import Tokenizer
 from tinygpt.world.stories import generate_story
 

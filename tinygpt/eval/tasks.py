@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from tinygpt.data.chat import parse_meta
+from tinygpt.data.conversations import parse_meta
 from tinygpt.data.sources import DataError, is_dataset_dir, iter_records
 from tinygpt.generate import SamplingConfig, generate
 from tinygpt.model import GPT

@@ -39,7 +39,7 @@ from tinygpt.checkpoint import (CheckpointError, capture_rng_state, latest_check
 from tinygpt.config import opt, save_config, to_jsonable
 from tinygpt.data.preferences import PreferenceBatch, PreferenceDataset, held_out_preferences
 from tinygpt.losses import dpo_loss, preference_accuracy, sequence_logprobs
-from tinygpt.metrics import MetricsWriter, plot_curves, read_metrics
+from tinygpt.runlog import MetricsWriter, plot_curves, read_metrics
 from tinygpt.model import GPT
 from tinygpt.optim import lr_at, make_optimizer, set_lr
 from tinygpt.tokenizer import Tokenizer

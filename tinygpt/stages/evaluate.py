@@ -264,7 +264,7 @@ def win_rates(cand: list[str], base: list[str], records: list[dict], reward: tup
     out: dict[str, Any] = {"labeler": win_rate([labeler.utility(r, a) for r, a in zip(records, cand)],
                                                [labeler.utility(r, b) for r, b in zip(records, base)])}
     if reward is not None:
-        from tinygpt.rewards import render_prompt_response, score
+        from tinygpt.reward_model import render_prompt_response, score
 
         rm, rm_tok, shift = reward
         pairs = []
@@ -364,7 +364,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         judge = StoryJudge(cfg.judge_url, cfg.judge_model, key_env=cfg.judge_key_env, cache=out / "judge_cache.jsonl")
     reward = None
     if cfg.reward:
-        from tinygpt.rewards import load_reward_model
+        from tinygpt.reward_model import load_reward_model
 
         reward = load_reward_model(cfg.reward, device)
 

@@ -71,7 +71,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tinygpt import rewards, runtime
+from tinygpt import reward_model as rm, runtime
 from tinygpt.checkpoint import (WEIGHTS, CheckpointError, capture_rng_state, latest_checkpoint, load_model,
                                 load_tokenizer_json, load_trainer_state, load_weights, resolve_checkpoint,
                                 restore_rng_state, save_training_checkpoint)
@@ -80,7 +80,7 @@ from tinygpt.data.shards import TokenDataset
 from tinygpt.generate import SamplingConfig, generate
 from tinygpt.losses import (gae, kl_penalty, lm_loss, masked_mean, ppo_losses, token_entropy, token_logprobs,
                             whiten)
-from tinygpt.metrics import MetricsWriter, plot_curves, read_metrics
+from tinygpt.runlog import MetricsWriter, plot_curves, read_metrics
 from tinygpt.model import GPT
 from tinygpt.optim import lr_at, make_optimizer, set_lr
 from tinygpt.tokenizer import Tokenizer, validate_messages
@@ -415,7 +415,7 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
     reference_info = {"path": str(policy_ckpt), "sha256": _sha256(policy_ckpt / WEIGHTS)}
     reward_ckpt = resolve_checkpoint(cfg.reward)
     reward_info = {"path": str(reward_ckpt), "sha256": _sha256(reward_ckpt / WEIGHTS)}
-    reward_model, reward_tokenizer, reward_shift = rewards.load_reward_model(reward_ckpt, device)
+    reward_model, reward_tokenizer, reward_shift = rm.load_reward_model(reward_ckpt, device)
     reward_model.requires_grad_(False).eval()
 
     if cfg.value_init == "reward":
@@ -526,7 +526,7 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
 
     def rm_sequence(record: dict, response: list[int], text: str) -> list[int]:
         """What the RM reads: the prompt and the answer's text, rendered as in the comparison data."""
-        ids = rewards.render_prompt_response(reward_tokenizer, record["prompt"], text)
+        ids = rm.render_prompt_response(reward_tokenizer, record["prompt"], text)
         if len(ids) <= reward_block:
             return ids
         # Re-encoding sampled text can take more tokens than were sampled (a split the tokenizer would
@@ -538,7 +538,7 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
     def rm_scores(records: list[dict], responses: list[list[int]], texts: list[str]) -> Tensor:
         sequences = [rm_sequence(r, a, t) for r, a, t in zip(records, responses, texts)]
         with torch.no_grad(), runtime.autocast(device, dtype):
-            return rewards.score(reward_model, sequences, device, shift=reward_shift,
+            return rm.score(reward_model, sequences, device, shift=reward_shift,
                                  batch_size=cfg.score_batch_size).float().clone().to(device)  # (B,)
 
     def oracle_scores(records: list[dict], texts: list[str]) -> list[dict | None]:

@@ -29,7 +29,7 @@ from tinygpt.checkpoint import (capture_rng_state, latest_checkpoint, resume_tra
 from tinygpt.config import opt, save_config, to_jsonable
 from tinygpt.data.shards import TokenDataset
 from tinygpt.losses import lm_loss
-from tinygpt.metrics import MetricsWriter, plot_curves, read_metrics
+from tinygpt.runlog import MetricsWriter, plot_curves, read_metrics
 from tinygpt.model import GPT, model_config
 from tinygpt.optim import lr_at, make_optimizer, set_lr
 from tinygpt.tokenizer import Tokenizer

@@ -2,7 +2,7 @@
 
 Reads top to bottom: config, data, model, optimizer, (resume), loop, save. The model is the SFT
 checkpoint with a fresh ``scalar_head`` (``load_model(init, config_overrides={"scalar_head": True})``);
-the reward of a conversation is the head on its last token (``rewards.LastTokenReward``). The loss
+the reward of a conversation is the head on its last token (``reward_model.LastTokenReward``). The loss
 is ``losses.pairwise_loss`` (Bradley-Terry) over all K-choose-2 pairs of each prompt, each prompt
 counting once (InstructGPT eq. 1): a batch is ``--batch-size`` prompts with every pair of each, and
 each completion is scored once. The batch at step s is a pure function of (seed, s), so resuming
@@ -17,7 +17,7 @@ noise allows.
 
 At every save the rewards are shifted so the SFT demonstrations (``--demonstrations``) score 0 on
 average; the shift is stored as ``reward_shift`` in the checkpoint's ``tinygpt.json`` and
-``rewards.load_reward_model`` / ``rewards.score`` apply it.
+``reward_model.load_reward_model`` / ``reward_model.score`` apply it.
 
     tinygpt reward --init runs/x/sft --rankings runs/x/rank/rankings.jsonl \\
         --val-rankings runs/x/rank/rankings_val.jsonl --demonstrations runs/x/world/sft_train.jsonl --out runs/x/reward
@@ -46,9 +46,9 @@ from tinygpt.config import opt, save_config, to_jsonable
 from tinygpt.data.preferences import PreferenceDataset, held_out_preferences
 from tinygpt.data.sources import DataError, iter_records, require_field
 from tinygpt.losses import pairwise_loss, preference_accuracy
-from tinygpt.metrics import MetricsWriter, plot_curves, read_metrics
+from tinygpt.runlog import MetricsWriter, plot_curves, read_metrics
 from tinygpt.optim import lr_at, make_optimizer, set_lr
-from tinygpt.rewards import REWARD_SHIFT_KEY, LastTokenReward, score
+from tinygpt.reward_model import REWARD_SHIFT_KEY, LastTokenReward, score
 from tinygpt.tokenizer import Tokenizer, validate_messages
 from tinygpt.runtime import TrainingDiverged  # noqa: F401 (re-exported for callers)
 

@@ -15,7 +15,7 @@ Checkpoints (OUT/checkpoints/step_N) are plain checkpoints every later stage loa
 LoRA, ``model.safetensors`` holds the merged weights (base + (alpha/r) B A) and ``adapter/`` the
 adapter in peft's format, relative to --init (see tinygpt.lora); resuming rebuilds init + adapter.
 
-Uses: losses.lm_loss, optim, checkpoint, data.chat.ChatDataset, lora, eval.tasks. It does not know
+Uses: losses.lm_loss, optim, checkpoint, data.conversations.ChatDataset, lora, eval.tasks. It does not know
 about pretraining data, reward models or RL.
 """
 
@@ -37,10 +37,10 @@ from tinygpt.checkpoint import (CheckpointError, capture_rng_state, latest_check
                                 load_tokenizer_json, publish_checkpoint, resume_training, save_checkpoint,
                                 save_training_checkpoint, step_path)
 from tinygpt.config import opt, save_config, to_jsonable
-from tinygpt.data.chat import ChatDataset
+from tinygpt.data.conversations import ChatDataset
 from tinygpt.eval.tasks import load_task_records, spread_limit, task_accuracy
 from tinygpt.losses import lm_loss
-from tinygpt.metrics import MetricsWriter, plot_curves, read_metrics
+from tinygpt.runlog import MetricsWriter, plot_curves, read_metrics
 from tinygpt.optim import lr_at, make_optimizer, set_lr
 from tinygpt.tokenizer import Tokenizer
 from tinygpt.runtime import TrainingDiverged  # noqa: F401 (re-exported for callers)
