@@ -1,4 +1,4 @@
-"""Imports point one way: world/tokenizer -> data -> model -> losses/optim -> checkpoint -> generate -> eval ->
+"""Imports point one way: world/tokenizer -> data -> model -> losses/optim -> checkpoint -> generate/training -> eval ->
 stages -> pipeline/chat/cli. A lower layer never imports a higher one, and a stage never imports another stage."""
 
 import ast
@@ -14,7 +14,7 @@ LAYERS = [  # (layer, module prefixes); a module may import only from its own la
     (2, ["tinygpt.model"]),
     (3, ["tinygpt.losses", "tinygpt.optim"]),
     (4, ["tinygpt.checkpoint", "tinygpt.lora"]),
-    (5, ["tinygpt.generate", "tinygpt.reward_model"]),
+    (5, ["tinygpt.generate", "tinygpt.reward_model", "tinygpt.training", "tinygpt.rollout"]),
     (6, ["tinygpt.eval"]),
     (7, ["tinygpt.stages"]),
     (8, ["tinygpt.pipeline", "tinygpt.chat", "tinygpt.serve", "tinygpt.export", "tinygpt.cli", "tinygpt.__main__"]),
