@@ -19,6 +19,7 @@ This module knows the model and its config; it knows nothing about stages, data 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -66,6 +67,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     raise CheckpointError(f"{path}: not a checkpoint (no {WEIGHTS}, no checkpoints/{LATEST})")
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks (PPO records its reference's, and checks it on resume)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
