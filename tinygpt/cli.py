@@ -46,6 +46,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
                "RLHF with PPO: KL penalty to the SFT policy, GAE, clipped losses; --ptx-coef for PPO-ptx"),
     ("evaluate",): ("tinygpt.stages.evaluate", "EvaluateConfig", (),
                     "score checkpoints: perplexity, held-out tasks, stories, pass@k, win rates, contamination"),
+    ("report",): ("tinygpt.stages.report", "ReportConfig", ("run_dir",),
+                  "redraw a run's report (report.md, report.html) from its stages' logs and eval.json"),
     ("chat",): ("tinygpt.chat", "ChatConfig", ("checkpoint",),
                 "talk to a chat model in the terminal (streamed, multi-turn, /help for commands)"),
     ("pipeline",): ("tinygpt.pipeline", "PipelineConfig", (),

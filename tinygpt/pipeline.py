@@ -115,7 +115,8 @@ STAGES: list[Stage] = [
                                "checkpoints": [f"{name}={_w(o, d)}" for name, d in _EVALUATED
                                                if latest_checkpoint(o / d) is not None],
                                "baseline": _w(o, "sft") if latest_checkpoint(o / "sft") else "",
-                               "reward": _w(o, "reward") if latest_checkpoint(o / "reward") else ""}),
+                               "reward": _w(o, "reward") if latest_checkpoint(o / "reward") else "",
+                               "prompts": c.report_prompts}),
 ]
 _EVALUATED = [("base", "pretrain"), ("sft", "sft"), ("sft_lora", "sft_lora"), ("ppo", "ppo"),
               ("ppo_ptx", "ppo_ptx"), ("dpo", "dpo")]
@@ -224,13 +225,10 @@ def _report(out: Path, cfg: PipelineConfig) -> dict[str, str] | None:
     if not eval_json.exists():
         print("no evaluation results (evaluate did not run): no report")
         return None
-    from tinygpt.eval.report import build_report
+    from tinygpt.eval.report import build_report, discover_stages
 
-    stages = {name: str(out / name) for name in ("pretrain", "sft", "sft_lora", "reward", "ppo", "ppo_ptx", "dpo")
-              if (out / name).exists()}
-    checkpoints = {name: str(out / d) for name, d in _EVALUATED if latest_checkpoint(out / d) is not None}
-    paths = build_report(out, stages=stages, eval_result=json.loads(eval_json.read_text()),
-                         checkpoints=checkpoints, prompts=cfg.report_prompts, out_dir=out)
+    paths = build_report(out, stages=discover_stages(out), eval_result=json.loads(eval_json.read_text()),
+                         eval_dir=out / "eval", out_dir=out)
     return {k: str(v) for k, v in paths.items()}
 
 

@@ -34,6 +34,7 @@ from tinygpt.config import opt
 from tinygpt.data.conversations import ChatDataset
 from tinygpt.eval.tasks import load_task_records, spread_limit, task_accuracy
 from tinygpt.losses import lm_loss
+from tinygpt.world.tasks import DEFAULT_LONG_ANSWER_TOKENS
 from tinygpt.runtime import TrainingDiverged  # noqa: F401 (re-exported for callers)
 
 
@@ -59,7 +60,9 @@ class SFTConfig(training.FinetuneConfig):
                              "by the world's oracle, accuracy per family, at every eval and at the end")
     task_eval_limit: int = opt(200, "grade at most this many records per task evaluation, taken in turn from each "
                                     "family (0 = all)")
-    task_max_new_tokens: int = opt(64, "tokens generated per answer in task evaluation")
+    task_max_new_tokens: int = opt(48, "most tokens per answer in task evaluation (the default of `tinygpt evaluate`)")
+    task_long_max_new_tokens: int = opt(DEFAULT_LONG_ANSWER_TOKENS, "most tokens per answer of the families whose "
+                                        "answers are whole stories (write_story), as in `tinygpt evaluate`")
     # the shared fields (training.FinetuneConfig) with SFT's defaults
     batch_size: int = opt(16, "conversations per micro-batch on each rank (padded to the longest)")
     epochs: float = opt(2.0, "passes over the data when --max-steps is 0")
@@ -157,7 +160,7 @@ def main(cfg: SFTConfig) -> dict[str, Any]:
         if task_records is None or not run.is_main:
             return None
         result = task_accuracy(gpt, tokenizer, task_records, max_new_tokens=cfg.task_max_new_tokens,
-                               batch_size=max(cfg.batch_size, 16))
+                               long_max_new_tokens=cfg.task_long_max_new_tokens, batch_size=max(cfg.batch_size, 16))
         metrics.log({"step": step, "task_accuracy": result["accuracy"],
                      **{f"task_accuracy/{f}": r["accuracy"] for f, r in result["per_family"].items()}})
         return result
