@@ -131,7 +131,7 @@ def test_gae_ignores_prompt_and_padding_and_matches_a_loop():
     # the textbook loop: A_t = sum_l (gamma lam)^l delta_{t+l}, V after the end = 0
     vals = v[0].tolist() + [0.0]
     deltas = [r[0, t].item() + 0.95 * vals[t + 1] - vals[t] for t in range(4)]
-    expected = [sum((0.95 * 0.9) ** l * deltas[t + l] for l in range(4 - t)) for t in range(4)]
+    expected = [sum((0.95 * 0.9) ** k * deltas[t + k] for k in range(4 - t)) for t in range(4)]
     assert torch.allclose(adv[0], torch.tensor(expected), atol=1e-5)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinygpt.chat import ChatConfig, ChatSession, load_session, main
+from tinygpt.chat import ChatConfig, load_session, main
 from tinygpt.checkpoint import save_checkpoint
 from tinygpt.eval.tasks import complete
 from tinygpt.generate import SamplingConfig

@@ -337,13 +337,13 @@ def test_tokenizer_and_prepare_stages(tmp_path, capsys):
     write_jsonl(tmp_path / "in.jsonl", [{"text": d} for d in make_docs(120)] + [{"text": 3}])
     with pytest.raises(DataError, match="in.jsonl:121"):
         tokenizer_main(TokenizerConfig(inputs=[str(tmp_path)], out=str(tmp_path / "tok"), vocab_size=300,
-                                       show_progress=False))
+                                       progress=False))
     summary = tokenizer_main(TokenizerConfig(inputs=[str(tmp_path / "in.jsonl")], out=str(tmp_path / "tok"),
-                                             vocab_size=300, max_docs=50, skip_bad=True, show_progress=False))
+                                             vocab_size=300, max_docs=50, skip_bad=True, progress=False))
     assert summary["documents"] == 50 and summary["skipped"] == 0 and summary["chars_per_token"] > 1.5
     assert "chars/token" in capsys.readouterr().out
     stats = prepare_main(PrepareConfig(inputs=[str(tmp_path / "in.jsonl")], tokenizer=str(tmp_path / "tok"),
-                                       out=str(tmp_path / "data"), skip_bad=True, show_progress=False))
+                                       out=str(tmp_path / "data"), skip_bad=True, progress=False))
     assert stats["skipped"] == 1 and stats["train_docs"] + stats["val_docs"] == 120
     assert (tmp_path / "data" / "prepare_config.json").is_file()
     assert TokenDataset(tmp_path / "data").meta["tokenizer_sha256"] == Tokenizer.load(tmp_path / "tok").fingerprint

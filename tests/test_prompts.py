@@ -10,7 +10,8 @@ from tinygpt.data.sources import DataError
 
 def test_read_prompts_accepts_strings_and_names_bad_lines(tmp_path):
     good = tmp_path / "p.jsonl"
-    good.write_text(json.dumps({"prompt": "hello"}) + "\n\n" + json.dumps({"prompt": [{"role": "user", "content": "x"}]}) + "\n")
+    good.write_text(json.dumps({"prompt": "hello"}) + "\n\n"
+                    + json.dumps({"prompt": [{"role": "user", "content": "x"}]}) + "\n")
     records = read_prompts(str(good))
     assert records[0].messages == [{"role": "user", "content": "hello"}] and len(records) == 2
     assert records[0].where == f"{good}:1" and records[1].where == f"{good}:3"

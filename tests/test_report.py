@@ -115,7 +115,7 @@ def test_scores_table_has_one_row_per_stage_in_pipeline_order(built):
     out, md, _ = built
     rows = _table(md)
     assert [r[0] for r in rows] == ["base", "SFT", "PPO", "PPO-ptx"]
-    header = md.splitlines()[[i for i, l in enumerate(md.splitlines()) if l.startswith("| model |")][0]]
+    header = md.splitlines()[[i for i, line in enumerate(md.splitlines()) if line.startswith("| model |")][0]]
     assert "win vs SFT (labeler)" in header and "KL to SFT (nats)" in header
     by = {r[0]: r for r in rows}
     assert by["SFT"][1] == "0.300" and by["PPO"][2] == "0.700" and by["PPO"][3] == "0.800"

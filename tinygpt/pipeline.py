@@ -7,7 +7,8 @@
 
 Each stage writes its own sub-directory (``runs/demo/sft``, ...). The recipe is a TOML file with
 a ``[pipeline]`` table (this module's fields) and one table per stage holding that stage's
-options (``[pretrain] max_steps = 600``); the paths that connect the stages (``--init``,
+options (``[pretrain] max_steps = 600``); ``[sft_lora]`` extends ``[sft]`` and ``[ppo_ptx]`` extends
+``[ppo]`` (``Stage.inherits``: their own keys win). The paths that connect the stages (``--init``,
 ``--data``, ...) are filled in here and always win. Without ``--config`` the built-in recipe
 ``tinygpt/recipes/demo.toml`` (also ``configs/demo.toml``) is used.
 
@@ -58,6 +59,7 @@ class Stage:
     trains: bool = True      # has checkpoints and --resume
     expected_s: float = 10   # seconds in the reference run (records/): weights the overall ETA
     subdir: str = ""         # its directory under the run ("" = its name)
+    inherits: str = ""       # a stage whose recipe table this one's extends (its own keys win)
 
     @property
     def dir(self) -> str:
@@ -78,17 +80,17 @@ STAGES: list[Stage] = [
           wiring=lambda o, c: {"out": _w(o, "world"), "seed": c.seed, "progress": c.progress}),
     Stage("tokenizer", "tinygpt.stages.tokenizer", "TokenizerConfig", trains=False, expected_s=4,
           wiring=lambda o, c: {"inputs": [_w(o, "world", "pretrain.jsonl")], "out": _w(o, "tokenizer"),
-                               "show_progress": c.progress}),
+                               "progress": c.progress}),
     Stage("prepare", "tinygpt.stages.prepare", "PrepareConfig", trains=False, expected_s=7, subdir="data",
           wiring=lambda o, c: {"inputs": [_w(o, "world", "pretrain.jsonl")], "tokenizer": _w(o, "tokenizer"),
-                               "out": _w(o, "data"), "seed": c.seed, "show_progress": c.progress}),
+                               "out": _w(o, "data"), "seed": c.seed, "progress": c.progress}),
     Stage("pretrain", "tinygpt.stages.pretrain", "PretrainConfig", expected_s=400,
           wiring=lambda o, c: {**_common(o, c, "pretrain"), "data": _w(o, "data")}),
     Stage("sft", "tinygpt.stages.sft", "SFTConfig", expected_s=79,
           wiring=lambda o, c: {**_common(o, c, "sft"), "init": _w(o, "pretrain"),
                                "data": _w(o, "world", "sft_train.jsonl"), "eval_data": _w(o, "world", "sft_test.jsonl"),
                                "task_eval": _w(o, "world", "sft_test.jsonl")}),
-    Stage("sft_lora", "tinygpt.stages.sft", "SFTConfig", expected_s=33,
+    Stage("sft_lora", "tinygpt.stages.sft", "SFTConfig", expected_s=33, inherits="sft",
           wiring=lambda o, c: {**_common(o, c, "sft_lora"), "init": _w(o, "pretrain"),
                                "data": _w(o, "world", "sft_train.jsonl"), "eval_data": _w(o, "world", "sft_test.jsonl"),
                                "task_eval": _w(o, "world", "sft_test.jsonl")}),
@@ -103,7 +105,7 @@ STAGES: list[Stage] = [
     Stage("ppo", "tinygpt.stages.ppo", "PPOConfig", expected_s=50,
           wiring=lambda o, c: {**_common(o, c, "ppo"), "policy": _w(o, "sft"), "reward": _w(o, "reward"),
                                "prompts": _w(o, "world", "rl_prompts.jsonl"), "ptx_coef": 0.0}),
-    Stage("ppo_ptx", "tinygpt.stages.ppo", "PPOConfig", expected_s=68,
+    Stage("ppo_ptx", "tinygpt.stages.ppo", "PPOConfig", expected_s=68, inherits="ppo",
           wiring=lambda o, c: {**_common(o, c, "ppo_ptx"), "policy": _w(o, "sft"), "reward": _w(o, "reward"),
                                "prompts": _w(o, "world", "rl_prompts.jsonl"), "ptx_data": _w(o, "data")}),
     Stage("dpo", "tinygpt.stages.dpo", "DPOConfig", expected_s=36,
@@ -134,7 +136,8 @@ def load_recipe(path: str) -> dict[str, dict[str, Any]]:
 
 def stage_config(stage: Stage, out: Path, cfg: PipelineConfig, recipe: dict[str, dict[str, Any]]) -> Any:
     cls = getattr(importlib.import_module(stage.module), stage.config_class)
-    values = {**recipe.get(stage.name, {}), **stage.wiring(out, cfg)}
+    inherited = recipe.get(stage.inherits, {}) if stage.inherits else {}
+    values = {**inherited, **recipe.get(stage.name, {}), **stage.wiring(out, cfg)}
     return from_dict(cls, values, source=f"{cfg.config or 'built-in recipe'} [{stage.name}]")
 
 

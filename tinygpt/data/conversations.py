@@ -172,7 +172,8 @@ def fit_conversation(tokenizer: Tokenizer, messages: list[dict[str, Any]], max_t
 # --- the dataset -------------------------------------------------------------------------------------
 
 
-def collate(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+            pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rendered ``(ids, mask)`` pairs -> inputs x (B, T), targets y (B, T), target mask m (B, T), T = longest - 1.
 
     x[b, t] = ids[t], y[b, t] = ids[t + 1], m[b, t] = mask[t + 1]; right padding has y = pad_id, m = 0."""
@@ -246,7 +247,8 @@ class ChatDataset:
                 total += sum(self.examples[i][1][1:])
         return total
 
-    def eval_batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def eval_batches(self, batch_size: int,
+                     max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Every example once, in file order (the last batch may be smaller)."""
         for b, first in enumerate(range(0, len(self.examples), batch_size)):
             if max_batches is not None and b >= max_batches:

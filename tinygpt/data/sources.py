@@ -312,7 +312,8 @@ def _read_dataset_dir(path: Path, text_field: str, skip_bad: bool, stats: ReadSt
 
     if (path / "dataset_dict.json").is_file():
         splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-        raise DataError(f"{path}: a DatasetDict with splits {splits}; pass one split directory, e.g. {path / (splits or ['train'])[0]}")
+        raise DataError(f"{path}: a DatasetDict with splits {splits}; pass one split directory, "
+                        f"e.g. {path / (splits or ['train'])[0]}")
     dataset = datasets.load_from_disk(str(path))
     if text_field not in dataset.column_names:
         raise DataError(f"{path}: no column {text_field!r} (columns: {dataset.column_names}); set text_field")

@@ -37,7 +37,8 @@ from typing import Any
 
 from tinygpt.runlog import plot_curves, read_metrics
 
-STAGE_LABELS = {"pretrain": "base", "base": "base", "sft": "SFT", "sft_lora": "SFT (LoRA)", "reward": "reward model", "ppo": "PPO",
+STAGE_LABELS = {"pretrain": "base", "base": "base", "sft": "SFT", "sft_lora": "SFT (LoRA)", "reward": "reward model",
+                "ppo": "PPO",
                 "ppo_ptx": "PPO-ptx", "dpo": "DPO"}
 POLICY_STAGES = ("pretrain", "sft", "ppo", "ppo_ptx", "dpo")  # the rows InstructGPT's figure 1 compares
 PTX_PERPLEXITY_TOLERANCE = 0.05  # PPO-ptx "holds" perplexity when at most 5% above SFT's
@@ -488,7 +489,8 @@ def build_report(run_dir: str | Path, *, stages: dict[str, str], eval_result: di
             "Held-out task accuracy on the world's test split" + (f" ({test_items} items)" if test_items else "")
             + f"; win rates against {baseline}'s answers on the same items (ties count half), judged by the "
             "noiseless simulated labeler and by the reward model, and answer rudeness, on answers sampled as "
-            "`tinygpt evaluate --win-temperature` says (greedy answers where it is 0); mean reward and KL are the last values the "
+            "`tinygpt evaluate --win-temperature` says (greedy answers where it is 0); mean reward and KL are the "
+            "last values the "
             "PPO stage logged (the reward of greedy answers to held-out prompts when it evaluated them); "
             "story scores from the oracle; '-' = not measured."))
         blocks.append(scores_table(rows, baseline))

@@ -25,7 +25,7 @@ class PrepareConfig:
     skip_bad: bool = opt(False, "skip and count bad documents instead of stopping at the first")
     num_workers: int = opt(0, "tokenizer threads (0 = all cores)")
     text_field: str = opt("text", "JSONL field / Parquet or datasets column holding the text")
-    show_progress: bool = opt(True, "show a progress bar")
+    progress: bool = opt(True, "show a progress bar")
 
 
 def main(cfg: PrepareConfig) -> dict[str, Any]:
@@ -33,7 +33,7 @@ def main(cfg: PrepareConfig) -> dict[str, Any]:
         raise ValueError("inputs: give at least one file, directory or glob of documents")
     stats = prepare_shards(cfg.inputs, cfg.tokenizer, cfg.out, val_fraction=cfg.val_fraction, seed=cfg.seed,
                            skip_bad=cfg.skip_bad, num_workers=cfg.num_workers, text_field=cfg.text_field,
-                           show_progress=cfg.show_progress)
+                           show_progress=cfg.progress)
     save_config(cfg, Path(cfg.out) / "prepare_config.json")
     total = stats["train_tokens"] + stats["val_tokens"]
     print(f"prepared {cfg.out}: train {stats['train_tokens']:,} tokens / {stats['train_docs']:,} docs, "

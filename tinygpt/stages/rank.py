@@ -21,7 +21,8 @@ model's held-out accuracy is measured on prompts it never saw.
 
     tinygpt rank --policy runs/x/sft --prompts runs/x/world/rl_prompts.jsonl --out runs/x/rank --k 4
 
-Uses: checkpoint, generate, tokenizer, world.labeler, data.prompts (the prompt reader PPO shares), data.preferences.ranking_to_pairs.
+Uses: checkpoint, generate, tokenizer, world.labeler, data.prompts (the prompt reader PPO shares),
+data.preferences.ranking_to_pairs.
 It does not train anything.
 """
 

@@ -82,7 +82,8 @@ def evaluate(reward_model: torch.nn.Module, data: PreferenceDataset, batch_size:
             n_pairs += batch.num_pairs
             u_c, u_r = batch.utilities[batch.chosen], batch.utilities[batch.rejected]
             strict = torch.isfinite(u_c) & torch.isfinite(u_r) & (u_c != u_r)
-            oracle_hits += preference_accuracy(torch.where(u_c > u_r, r_c, r_r), torch.where(u_c > u_r, r_r, r_c))[strict].sum().item()
+            right = preference_accuracy(torch.where(u_c > u_r, r_c, r_r), torch.where(u_c > u_r, r_r, r_c))
+            oracle_hits += right[strict].sum().item()
             oracle_pairs += int(strict.sum())
     reward_model.train(was_training)
     out = {"val_loss": loss_sum / n_prompts, "val_accuracy": acc_sum / n_pairs}

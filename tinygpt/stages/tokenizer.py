@@ -31,7 +31,7 @@ class TokenizerConfig:
     max_docs: int = opt(200_000, "read at most this many documents for training (0 = all)")
     skip_bad: bool = opt(False, "skip and count bad documents instead of stopping at the first")
     text_field: str = opt("text", "JSONL field / Parquet or datasets column holding the text")
-    show_progress: bool = opt(True, "show the tokenizers training progress bar")
+    progress: bool = opt(True, "show the training progress bar of `tokenizers`")
 
 
 def main(cfg: TokenizerConfig) -> dict[str, Any]:
@@ -58,7 +58,7 @@ def main(cfg: TokenizerConfig) -> dict[str, Any]:
     # --- train ---
     started = time.perf_counter()
     tokenizer = Tokenizer.train(keep_sample(documents), vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
-                                show_progress=cfg.show_progress)
+                                show_progress=cfg.progress)
     seconds = time.perf_counter() - started
     if read_stats.documents == 0:
         raise ValueError(f"no documents read from {cfg.inputs} (skipped {read_stats.skipped} bad ones)")
