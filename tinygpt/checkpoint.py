@@ -61,12 +61,28 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if pointer.exists():
             name = pointer.read_text().strip()
             target = pointer.parent / name
-            if not target.is_dir():
+            if not target.is_dir() and not _recover_swap(target):
                 raise CheckpointError(f"{pointer}: points to {name!r}, which does not exist")
             return target
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     raise CheckpointError(f"{path}: not a checkpoint (no {WEIGHTS}, no checkpoints/{LATEST})")
+
+
+def _recover_swap(target: Path) -> bool:
+    """Put back the complete checkpoint a kill left mid-swap, if there is one.
+
+    Re-saving the step ``latest`` names (a stop at a save step, ``--resume`` of a finished run) moves
+    the old directory aside (``.step_N.old-PID``) and then moves the new one in: a kill between the
+    two renames leaves ``latest`` naming nothing. The old copy was published, so it is complete.
+    """
+    aside = sorted(target.parent.glob(f".{target.name}.old-*"))
+    if not aside:
+        return False
+    aside[-1].rename(target)
+    _fsync_dir(target.parent)
+    print(f"warning: {target} was missing after an interrupted save; restored it from {aside[-1].name}")
+    return True
 
 
 def sha256_file(path: str | Path) -> str:
@@ -205,6 +221,9 @@ def publish_checkpoint(run_dir: str | Path, path: str | Path, *, keep_last: int 
     """
     ckpt_root, path = Path(run_dir) / "checkpoints", Path(path)
     _write_text_atomic(ckpt_root / LATEST, path.name + "\n")
+    # what a kill mid-save left: temporary and set-aside directories (one writer per run, so none is live)
+    for stale in [*ckpt_root.glob(".step_*.tmp-*"), *ckpt_root.glob(".step_*.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     if keep_last > 0:
         steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
         for old in steps[:-keep_last]:
