@@ -42,7 +42,8 @@ class PipelineConfig:
     seed: int = opt(0, "seed for the world, the split, and every stage")
     device: str = opt("auto", "auto, cpu, cuda or mps (every stage)")
     dtype: str = opt("auto", "autocast dtype for every training stage: auto, float32 or bfloat16")
-    stages: list[str] = opt([], "run only these stages (their inputs must exist); empty = all")
+    stages: list[str] = opt([], "run only these stages (their inputs must exist); empty = all. Stages: world "
+                                "tokenizer prepare pretrain sft sft_lora rank reward ppo ppo_ptx dpo evaluate report")
     skip: list[str] = opt([], "stages to leave out (e.g. sft_lora dpo)")
     progress: bool = opt(True, "progress bars inside the stages")
     report_prompts: list[str] = opt(["What is 3 plus 4?", "Reverse these words: cat dog sun",
@@ -165,15 +166,15 @@ def _fmt(seconds: float) -> str:
 
 
 def main(cfg: PipelineConfig) -> dict[str, Any]:
+    unknown = sorted((set(cfg.stages) | set(cfg.skip)) - set(STAGE_NAMES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages are {' '.join(STAGE_NAMES)}")
     recipe = load_recipe(cfg.config)
     cfg = _with_pipeline_table(cfg, recipe.get("pipeline", {}))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "pipeline_config.json")
     wanted = [s for s in STAGES if (not cfg.stages or s.name in cfg.stages) and s.name not in cfg.skip]
-    unknown = sorted((set(cfg.stages) | set(cfg.skip)) - set(STAGE_NAMES))
-    if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; stages are {STAGE_NAMES}")
     if any(s.name == "sft_lora" for s in wanted) and importlib.util.find_spec("peft") is None:
         print("note: peft is not installed, so the LoRA SFT stage is skipped (pip install 'tinygpt[lora]')")
         wanted = [s for s in wanted if s.name != "sft_lora"]

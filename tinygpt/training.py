@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +74,8 @@ class RunConfig:
     device: str = opt("auto", "auto, cpu, cuda or mps")
     dtype: str = opt("auto", "autocast dtype: auto, float32 or bfloat16 (weights stay float32)")
     resume: bool = opt(False, "continue from OUT's latest checkpoint exactly; an error if there is none")
+    overwrite: bool = opt(False, "start afresh in an OUT that already holds a run, deleting its checkpoints "
+                                 "(without it, such an OUT is an error: --resume continues it)")
     stop_after: int = opt(0, "stop (with a checkpoint) after this many steps of this invocation; 0 = run to the end")
     progress: bool = opt(True, "show a progress bar")
 
@@ -150,8 +154,21 @@ class Run:
 
 
 def setup(cfg: RunConfig, stage: str) -> Run:
-    """Check the common fields, join the process group (under torchrun), pick the device and dtype, seed."""
+    """Check the common fields, join the process group (under torchrun), pick the device and dtype, seed.
+
+    A run directory that already holds checkpoints is never trained over silently: without ``--resume``
+    it is an error, unless ``--overwrite`` asks to start afresh (its checkpoints are then deleted).
+    """
     check_config(cfg)
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: continue the run, or start afresh")
+    existing = latest_checkpoint(cfg.out)
+    if existing is not None and not cfg.resume:
+        if not cfg.overwrite:
+            raise ValueError(f"{cfg.out} already holds a {stage} run (latest checkpoint {existing}): pass --resume "
+                             "to continue it, --overwrite to start afresh, or another --out")
+        if int(os.environ.get("RANK", 0)) == 0:
+            shutil.rmtree(Path(cfg.out) / "checkpoints")
     dist_info, device = runtime.init_distributed(cfg.device)
     runtime.keep_freed_memory()
     dtype = runtime.resolve_dtype(cfg.dtype, device)

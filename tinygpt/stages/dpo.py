@@ -40,10 +40,10 @@ from tinygpt.runtime import TrainingDiverged  # noqa: F401 (re-exported for call
 
 @dataclass
 class DPOConfig(training.PreferenceConfig):
-    init: str = opt("", "SFT checkpoint to start the policy from (a run directory or checkpoint directory)")
+    init: str = opt("", "SFT checkpoint to start the policy from (a run directory or checkpoint directory)", required=True)
     ref: str = opt("", "frozen reference checkpoint (empty: the same as --init, as in the DPO paper)")
     pairs: str = opt("", "training preferences: pairs {prompt, chosen, rejected} and/or rankings "
-                         "{prompt, completions, ranking} JSONL (e.g. from `tinygpt rank`)")
+                         "{prompt, completions, ranking} JSONL (e.g. from `tinygpt rank`)", required=True)
     val_pairs: str = opt("", "held-out preferences in the same format (empty: no validation)")
     out: str = opt("runs/dpo", "run directory: checkpoints/, metrics.jsonl, loss.png, resolved_config.json")
     beta: float = opt(0.1, "DPO beta: strength of the implicit KL constraint to the reference (higher = closer)")

@@ -22,6 +22,9 @@ and once per run, the 13-gram contamination of each evaluation set by the traini
 attention maps of the base checkpoint (``figures/attention.png``). Writes ``eval.json`` (everything),
 ``eval.md`` (the tables) and ``answers/NAME.jsonl`` (every greedy answer with its grade) into ``--out``.
 The run report (``tinygpt report``) renders eval.json; it loads no model.
+
+    tinygpt evaluate --checkpoints base=runs/x/pretrain sft=runs/x/sft --world runs/x/world --out runs/x/eval
+    tinygpt evaluate ... --baseline sft --reward runs/x/reward --prompts "What is 3 plus 4?"
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ STORY_REQUEST = "Write a short story."
 @dataclass
 class EvaluateConfig:
     checkpoints: list[str] = opt([], "checkpoints to evaluate, each NAME=PATH or PATH "
-                                     "(a run directory means its latest checkpoint)")
-    world: str = opt("", "world directory written by `tinygpt world` (tasks/*_test.jsonl, pretrain.jsonl, ...)")
+                                     "(a run directory means its latest checkpoint)", required=True)
+    world: str = opt("", "world directory written by `tinygpt world` (tasks/*_test.jsonl, pretrain.jsonl, ...)", required=True)
     data: str = opt("", "token shard directory (`tinygpt prepare`) for validation perplexity; '' skips it")
     out: str = opt("runs/eval", "directory for eval.json, eval.md and answers/")
     max_items: int = opt(0, "test items per task family (0 = all of them)")
@@ -422,4 +425,10 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
                "test_items": len(test_records), "attention": attention}
     (out / "eval.json").write_text(json.dumps(_finite(summary), indent=2) + "\n")
     (out / "eval.md").write_text(markdown_report(results, report, cfg))
+    for name, r in results.items():
+        print(f"evaluate: {name}: task accuracy {r['tasks']['accuracy']:.3f}"
+              + (f", perplexity {r['perplexity']['perplexity']:.2f}" if "perplexity" in r else "")
+              + (f", win rate vs baseline {r['win_rate']['labeler']['win_rate']:.3f}" if "win_rate" in r else ""))
+    print(f"evaluate: {len(results)} checkpoint(s) on {len(test_records)} test items: {out / 'eval.json'}, "
+          f"{out / 'eval.md'}, answers in {out / 'answers'}")
     return summary

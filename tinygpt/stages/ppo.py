@@ -92,9 +92,10 @@ VALUE_INITS = ("reward", "sft")
 
 @dataclass
 class PPOConfig(training.RunConfig):
-    policy: str = opt("", "SFT checkpoint the policy starts from; it is also the frozen KL reference")
-    reward: str = opt("", "reward-model checkpoint (from `tinygpt reward`)")
-    prompts: str = opt("", "RL prompts, JSONL: {\"prompt\": [messages] or \"text\", ...} (the world's rl_prompts.jsonl)")
+    policy: str = opt("", "SFT checkpoint the policy starts from; it is also the frozen KL reference", required=True)
+    reward: str = opt("", "reward-model checkpoint (from `tinygpt reward`)", required=True)
+    prompts: str = opt("", "RL prompts, JSONL: {\"prompt\": [messages] or \"text\", ...} (the world's rl_prompts.jsonl)",
+                       required=True)
     out: str = opt("runs/ppo", "run directory: checkpoints/, metrics.jsonl, samples.jsonl, reward.png, kl.png")
     value_init: str = opt("reward", "value model: 'reward' = a copy of the reward model (InstructGPT), "
                                     "'sft' = a copy of the SFT model with a fresh scalar head")

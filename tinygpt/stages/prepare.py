@@ -3,6 +3,8 @@
 A thin stage over :func:`tinygpt.data.shards.prepare_shards`: reads the config, writes
 ``train.bin``, ``val.bin``, ``meta.json`` and ``tokenizer.json`` into ``out``, and prints the
 stats. It knows nothing about models.
+
+    tinygpt prepare --inputs runs/w/pretrain.jsonl --tokenizer runs/tok --out runs/data
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from tinygpt.data.shards import prepare_shards
 
 @dataclass
 class PrepareConfig:
-    inputs: list[str] = opt([], "files, directories or globs of documents (.txt, .jsonl, .parquet, datasets dirs)")
+    inputs: list[str] = opt([], "files, directories or globs of documents (.txt, .jsonl, .parquet, datasets dirs)", required=True)
     tokenizer: str = opt("runs/tokenizer", "tokenizer.json, or a directory holding one (e.g. from `tinygpt tokenizer train`)")
     out: str = opt("runs/data", "output directory for train.bin, val.bin, meta.json, tokenizer.json")
     val_fraction: float = opt(0.05, "share of documents held out for validation (by a seeded hash of each document)")

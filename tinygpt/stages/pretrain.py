@@ -32,7 +32,7 @@ from tinygpt.runtime import TrainingDiverged  # noqa: F401 (re-exported for call
 
 @dataclass
 class PretrainConfig(training.TrainConfig):
-    data: str = opt("", "directory of token shards from `tinygpt prepare` (train.bin, val.bin, meta.json)")
+    data: str = opt("", "directory of token shards from `tinygpt prepare` (train.bin, val.bin, meta.json)", required=True)
     out: str = opt("runs/pretrain", "run directory: checkpoints/, metrics.jsonl, loss.png, resolved_config.json")
     tokenizer: str = opt("", "tokenizer.json to store in checkpoints (default: DATA/tokenizer.json)")
     # model

@@ -54,9 +54,9 @@ from tinygpt.world.tasks import DEFAULT_LONG_ANSWER_TOKENS, answer_budget
 
 @dataclass
 class RankConfig:
-    policy: str = opt("", "SFT checkpoint that samples the K answers (a run directory or checkpoint directory)")
+    policy: str = opt("", "SFT checkpoint that samples the K answers (a run directory or checkpoint directory)", required=True)
     prompts: str = opt("", "prompts JSONL {\"prompt\": [messages] or text, \"meta\": {family, gold/spec, ...}} "
-                           "(the world's rl_prompts.jsonl)")
+                           "(the world's rl_prompts.jsonl)", required=True)
     out: str = opt("runs/rank", "output directory: rankings.jsonl, pairs.jsonl, their _val twins, summary.json")
     k: int = opt(4, "completions sampled and ranked per prompt (InstructGPT: 4 to 9)")
     n_prompts: int = opt(0, "prompts to use, from the start of the file (0 = all)")
@@ -104,7 +104,6 @@ def main(cfg: RankConfig) -> dict[str, Any]:
         raise ValueError("--batch-size must be >= 1 and --n-prompts >= 0")
     device = runtime.resolve_device(cfg.device)
     out = Path(cfg.out)
-    save_config(cfg, out / "resolved_config.json")
 
     # --- model and data ------------------------------------------------------------------------
     model, mcfg = load_model(cfg.policy, device=device)
@@ -124,6 +123,7 @@ def main(cfg: RankConfig) -> dict[str, Any]:
     if not usable:
         raise DataError(f"{cfg.prompts}: no prompt leaves room for its answer in block_size {mcfg.block_size} "
                         f"({cfg.max_new_tokens} tokens, {long_budget} for a story)")
+    save_config(cfg, out / "resolved_config.json")  # the inputs are read: now the run directory
     is_val = val_mask(len(usable), cfg.val_fraction, cfg.seed)
     tie_margin = cfg.tie_margin if cfg.tie_margin >= 0 else None
     grader = Labeler(0.0, tie_margin=tie_margin, partial_credit=cfg.partial_credit)  # the noise-free scores

@@ -20,7 +20,7 @@ from tinygpt.eval.report import build_report, discover_stages
 
 @dataclass
 class ReportConfig:
-    run_dir: str = opt("", "a pipeline run directory (with pretrain/, sft/, ..., eval/eval.json)")
+    run_dir: str = opt("", "a pipeline run directory (with pretrain/, sft/, ..., eval/eval.json)", required=True)
     eval_dir: str = opt("", "the directory `tinygpt evaluate` wrote (default: RUN_DIR/eval)")
     out: str = opt("", "where report.md, report.html and figures/ go (default: RUN_DIR)")
 

@@ -48,9 +48,10 @@ from tinygpt.runtime import TrainingDiverged  # noqa: F401 (re-exported for call
 
 @dataclass
 class RewardConfig(training.PreferenceConfig):
-    init: str = opt("", "SFT checkpoint to start from (a run directory or checkpoint directory); a scalar head is added")
+    init: str = opt("", "SFT checkpoint to start from (a run directory or checkpoint directory); a scalar head is added",
+                    required=True)
     rankings: str = opt("", "training preferences: rankings {prompt, completions, ranking} and/or pairs "
-                            "{prompt, chosen, rejected} JSONL (from `tinygpt rank`, or a person's labels)")
+                            "{prompt, chosen, rejected} JSONL (from `tinygpt rank`, or a person's labels)", required=True)
     val_rankings: str = opt("", "held-out preferences in the same format (empty: no validation)")
     demonstrations: str = opt("", "SFT chats {\"messages\": [...]} JSONL: rewards are shifted so they average 0 "
                                   "(empty: no shift)")

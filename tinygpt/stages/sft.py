@@ -40,8 +40,8 @@ from tinygpt.runtime import TrainingDiverged  # noqa: F401 (re-exported for call
 
 @dataclass
 class SFTConfig(training.FinetuneConfig):
-    init: str = opt("", "checkpoint to start from (a pretraining run directory or checkpoint directory)")
-    data: str = opt("", "chat data: {\"messages\": [...]} JSONL, or a `datasets` directory with a messages column")
+    init: str = opt("", "checkpoint to start from (a pretraining run directory or checkpoint directory)", required=True)
+    data: str = opt("", "chat data: {\"messages\": [...]} JSONL, or a `datasets` directory with a messages column", required=True)
     eval_data: str = opt("", "held-out chat data for the validation loss (empty: no validation loss)")
     out: str = opt("runs/sft", "run directory: checkpoints/, metrics.jsonl, loss.png, resolved_config.json")
     dropout: float | None = opt(None, "override the checkpoint's dropout for fine-tuning (None = keep)")

@@ -4,6 +4,9 @@ Reads documents (text, JSONL, Parquet, `datasets` directories: see tinygpt.data.
 a :class:`tinygpt.tokenizer.Tokenizer`, saves ``tokenizer.json`` plus the files `transformers`
 loads into ``out``, and prints a summary (vocabulary, compression in characters per token).
 It knows nothing about shards or models.
+
+    tinygpt tokenizer train --inputs runs/w/pretrain.jsonl --out runs/tok --vocab-size 2048
+    tinygpt tokenizer train --inputs my_corpus/*.parquet --text-field body --out runs/tok
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ COMPRESSION_SAMPLE_DOCS = 1000
 
 @dataclass
 class TokenizerConfig:
-    inputs: list[str] = opt([], "files, directories or globs of documents (.txt, .jsonl, .parquet, datasets dirs)")
+    inputs: list[str] = opt([], "files, directories or globs of documents (.txt, .jsonl, .parquet, datasets dirs)", required=True)
     out: str = opt("runs/tokenizer", "output directory for tokenizer.json and the transformers files")
     vocab_size: int = opt(4096, "vocabulary size: 7 special + 256 byte tokens + merges")
     min_frequency: int = opt(2, "a pair must occur this often to be merged")

@@ -2,6 +2,9 @@
 
 Reads nothing; writes pretraining stories, the Task 1 split of every task family, SFT chats, RL
 prompts and ``world.json`` (see :mod:`tinygpt.world.export` for the files and their formats).
+
+    tinygpt world make --out runs/w --n-stories 40000
+    tinygpt world make --out runs/w --families arithmetic summary --formats jsonl
 """
 
 from __future__ import annotations
