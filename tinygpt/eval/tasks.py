@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from tinygpt.data.conversations import parse_meta
-from tinygpt.data.sources import DataError, is_dataset_dir, iter_records
+from tinygpt.data.sources import DataError, iter_records
 from tinygpt.generate import SamplingConfig, generate
 from tinygpt.model import GPT
 from tinygpt.tokenizer import Tokenizer
@@ -94,12 +94,7 @@ def answer(model: GPT, tokenizer: Tokenizer, instructions: Sequence[str], max_ne
 def load_task_records(path: str | Path) -> list[dict[str, Any]]:
     """Task or chat records from a JSONL file or a `datasets` directory (``meta`` parsed if it is a JSON string)."""
     path = Path(path)
-    if is_dataset_dir(path):
-        import datasets
-
-        rows = [(f"{path}: row {i}", dict(r)) for i, r in enumerate(datasets.load_from_disk(str(path)))]
-    else:
-        rows = list(iter_records(path))
+    rows = list(iter_records(path))  # JSONL, Parquet or a `datasets` directory
     records = []
     for where, record in rows:
         record = {**record, "meta": parse_meta(record.get("meta"))}
