@@ -245,3 +245,12 @@ def test_report_command_redraws_from_eval_json(run, tmp_path):
     assert (tmp_path / "r" / "figures" / "attention.png").is_file()
     with pytest.raises(FileNotFoundError, match="eval.json not found"):
         main(ReportConfig(run_dir=str(tmp_path / "r")))
+
+
+def test_kl_to_sft_is_never_negative_when_ppo_logged_k3(tmp_path):
+    """k1's sample mean can fall below 0 when the policy barely moved; the table shows k3, which cannot."""
+    _write_metrics(tmp_path / "ppo_ptx", [{"step": 2, "reward": 0.3, "kl": -0.001, "kl_k3": 0.0004}])
+    _write_metrics(tmp_path / "ppo", [{"step": 2, "reward": 0.3, "kl": 0.2}])  # an older run: k1 only
+    result = fake_eval(tmp_path)
+    rows = {r.name: r for r in score_rows(result, {"ppo": str(tmp_path / "ppo"), "ppo_ptx": str(tmp_path / "ppo_ptx")})}
+    assert rows["ppo_ptx"].scores["kl"] == 0.0004 and rows["ppo"].scores["kl"] == 0.2

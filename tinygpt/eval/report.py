@@ -277,7 +277,9 @@ def score_rows(eval_result: dict[str, Any], stages: dict[str, str]) -> list[Row]
             # sampled answers show the rudeness a user meets; greedy ones hide a minority habit
             "answer_rudeness": _first(_get(r, "sampled_answers", "answer_rudeness"), _get(r, "tasks", "answer_rudeness")),
             "perplexity": _get(r, "perplexity", "perplexity"),
-            "kl": _last(records, "kl"),
+            # k3 (never negative, unbiased) where PPO logged it; the k1 mean it trains on can come out
+            # below 0 when the policy barely moved (PPO-ptx showed -0.001)
+            "kl": _first(_last(records, "kl_k3"), _last(records, "kl")),
         }
         if stage is None and r.get("stage") == "pretrain":
             stage = "pretrain"

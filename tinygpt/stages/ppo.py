@@ -378,6 +378,7 @@ def main(cfg: PPOConfig) -> dict[str, Any]:
                 "step": loop.step, "reward": reward, "reward_std": math.sqrt(global_mean((scores - reward) ** 2)),
                 "total_reward": global_mean(scores - kl_coef * kl_per_answer),  # before any whitening
                 "kl": mean_kl, "kl_coef": kl_coef, "entropy": entropy,
+                "kl_k3": global_mean((kl_penalty(old.logprobs, old.ref_logprobs, kind="k3") * mask).sum(1)),
                 **{k: float(runtime.all_reduce_mean(torch.tensor(v, device=device))) for k, v in losses.items()},
                 "explained_var": explained_variance(old.values, returns, mask, reduce),
                 "value_mean": global_mean(old.values, mask),

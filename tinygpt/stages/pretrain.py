@@ -56,17 +56,25 @@ class PretrainConfig(training.TrainConfig):
     seed: int = opt(1337, "seed for initialisation and for the data order")
 
 
-def _evaluate(model: torch.nn.Module, val: TokenDataset, cfg: PretrainConfig, device: torch.device,
-              dtype: torch.dtype) -> float:
+def _evaluate(model: torch.nn.Module, val: TokenDataset, cfg: PretrainConfig, run: training.Run) -> float:
+    """Mean next-token loss over the first ``eval_batches`` global batches of validation windows.
+
+    A global batch is ``batch_size * world_size`` windows and each rank scores its own rows of it, so
+    N ranks of B measure exactly what one process of N * B measures (as they train alike).
+    """
+    rank, world, device = run.dist.rank, run.dist.world_size, run.device
     model.eval()
-    total, n = 0.0, 0
-    with torch.inference_mode(), runtime.autocast(device, dtype):
-        for x, y in val.eval_batches(cfg.batch_size, cfg.block_size, max_batches=cfg.eval_batches):
-            x, y = x.to(device), y.to(device)
-            total += lm_loss(model(x), y).item()
-            n += 1
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    with torch.inference_mode(), runtime.autocast(device, run.dtype):
+        for x, y in val.eval_batches(cfg.batch_size * world, cfg.block_size, max_batches=cfg.eval_batches):
+            rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+            x, y = x[rows].to(device), y[rows].to(device)
+            if len(x):  # the last batch may leave a rank nothing
+                total += lm_loss(model(x), y).float() * y.numel()
+                count += y.numel()
     model.train()
-    return total / max(n, 1)
+    total, count = runtime.all_reduce_sum(total), runtime.all_reduce_sum(count)
+    return float(total / count.clamp_min(1))
 
 
 def main(cfg: PretrainConfig) -> dict[str, Any]:
@@ -134,7 +142,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
             metrics.log(last)
             loop.bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
         if loop.eval_due(cfg.eval_every):
-            val_loss = _evaluate(model, val, cfg, device, dtype)
+            val_loss = _evaluate(model, val, cfg, run)
             last.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
             metrics.log({"step": loop.step, "val_loss": val_loss, "val_ppl": last["val_ppl"]})
             loop.write(f"step {loop.step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}, "
