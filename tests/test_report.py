@@ -254,3 +254,18 @@ def test_kl_to_sft_is_never_negative_when_ppo_logged_k3(tmp_path):
     result = fake_eval(tmp_path)
     rows = {r.name: r for r in score_rows(result, {"ppo": str(tmp_path / "ppo"), "ppo_ptx": str(tmp_path / "ppo_ptx")})}
     assert rows["ppo_ptx"].scores["kl"] == 0.0004 and rows["ppo"].scores["kl"] == 0.2
+
+
+def test_win_intervals_and_best_of_n_tables(tmp_path):
+    result = fake_eval(tmp_path)
+    result["checkpoints"]["ppo"]["win_rate"]["labeler"] = {"win_rate": 0.7, "wins": 6, "losses": 2, "ties": 2, "n": 10,
+                                                           "ci95": [0.45, 0.95], "decided_win_rate": 0.75,
+                                                           "decided_ci95": [0.41, 0.93]}
+    result["best_of_n"] = {"temperature": 0.7, "samples": 4, "rows": [
+        {"n": 4, "picked_by": "reward model", "kl_bound": 0.636, "accuracy": 0.4, "utility": 0.61, "answer_rudeness": 0.0,
+         "win_rate": {"labeler": {"win_rate": 0.58, "ci95": [0.5, 0.66]}, "reward_model": {"win_rate": 0.8}}}]}
+    md = build_report(tmp_path, stages={}, eval_result=result)["md"].read_text()
+    wins = _table(md[md.index("with 95% intervals"):])
+    assert ["PPO", "labeler", "0.700", "[0.450, 0.950]", "0.750", "[0.410, 0.930]", "6 / 2 / 2"] in wins
+    assert _table(md[md.index("## Best-of-n"):], "n") == [
+        ["4", "reward model", "0.636", "0.580", "[0.500, 0.660]", "0.800", "0.610", "0.400", "0.000"]]

@@ -288,6 +288,25 @@ def score_rows(eval_result: dict[str, Any], stages: dict[str, str]) -> list[Row]
     return sorted(rows, key=lambda row: order.get(row.stage or "", len(order)))  # stable: eval order otherwise
 
 
+def _get_list(d: Any, *keys: str) -> list | None:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d if isinstance(d, list) else None
+
+
+def _interval(ci: list | None) -> str:
+    return "-" if not ci else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def win_cells(w: dict[str, Any]) -> list[str]:
+    """A win-rate result as cells: rate, its interval, decided share, its interval, W / L / T."""
+    counts = "-" if "wins" not in w else f"{w['wins']} / {w['losses']} / {w['ties']}"
+    return [_cell(w.get("win_rate"), 3), _interval(w.get("ci95")), _cell(w.get("decided_win_rate"), 3),
+            _interval(w.get("decided_ci95")), counts]
+
+
 def _cell(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -511,6 +530,30 @@ def build_report(run_dir: str | Path, *, stages: dict[str, str], eval_result: di
         blocks += [Heading(3, "Task accuracy per family"),
                    Table(["model", *families], [[row.label, *[_cell(_get(per[row.name], f), 3) for f in families]]
                                                 for row in rows])]
+    wins = [(row.label, ((eval_result.get("checkpoints") or {}).get(row.name) or {}).get("win_rate") or {})
+            for row in rows]
+    if any(w for _, w in wins):
+        blocks += [Heading(3, f"Win rates against {baseline}, with 95% intervals"),
+                   Paragraph("Ties count half; the decided share leaves ties out. Several answers to one question "
+                             "are not independent, so the intervals are a little too narrow."),
+                   Table(["model", "judge", "win rate", "95% interval", "decided share", "95% interval", "W / L / T"],
+                         [[label, judge, *win_cells(w[key])] for label, w in wins
+                          for key, judge in (("labeler", "labeler"), ("reward_model", "reward model")) if w.get(key)])]
+    best_of = eval_result.get("best_of_n")
+    if best_of and best_of.get("rows"):
+        blocks += [Heading(2, "Best-of-n: what the reward model can tell apart"),
+                   Paragraph(f"Of n answers the baseline sampled at temperature {best_of.get('temperature')}, the one "
+                             "the reward model (or, as the ceiling any judge could reach with these samples, the "
+                             "noiseless labeler) scores highest; compared with the baseline's answers like every "
+                             "model. KL is the best-of-n bound log n - (n - 1)/n."),
+                   Table(["n", "picked by", "KL (nats)", "labeler win", "95% interval", "RM win", "utility",
+                          "task accuracy", "answer rudeness"],
+                         [[str(r["n"]), r["picked_by"], _cell(r.get("kl_bound"), 3),
+                           _cell(_get(r, "win_rate", "labeler", "win_rate"), 3),
+                           _interval(_get_list(r, "win_rate", "labeler", "ci95")),
+                           _cell(_get(r, "win_rate", "reward_model", "win_rate"), 3), _cell(r.get("utility"), 3),
+                           _cell(r.get("accuracy"), 3), _cell(r.get("answer_rudeness"), 3)]
+                          for r in best_of["rows"]])]
 
     # --- curves
     blocks.append(Heading(2, "Training curves"))

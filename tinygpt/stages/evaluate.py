@@ -17,6 +17,9 @@ other stage a *chat* model):
   noiseless simulated labeler (its utility) and by a reward model (``--reward``), ties half;
 
 * greedy answers to ``--prompts`` (free-form instructions, side by side in the report);
+* with ``--best-of 1 4 16``, the baseline's best-of-n rows (:mod:`tinygpt.eval.best_of_n`): of n sampled
+  answers, the one the reward model (or, as a ceiling, the noiseless labeler) scores highest, compared
+  with the baseline like every model;
 
 and once per run, the 13-gram contamination of each evaluation set by the training files and the
 attention maps of the base checkpoint (``figures/attention.png``). Writes ``eval.json`` (everything),
@@ -49,6 +52,7 @@ from tinygpt.data.sources import iter_documents
 from tinygpt.eval import contamination as contamination_mod
 from tinygpt.eval.answerer import Answerer
 from tinygpt.eval.attention import attention_summary
+from tinygpt.eval.best_of_n import best_of_n, best_of_n_kl
 from tinygpt.eval.fewshot import complete_prompts
 from tinygpt.eval.metrics import bleu, mean_pass_at_k, perplexity, win_rate
 from tinygpt.eval.stories import sample_stories, summarize
@@ -87,6 +91,9 @@ class EvaluateConfig:
                                       "gets them (0 = the greedy task answers)")
     win_samples: int = opt(2, "answers sampled per test item and model for the win rates (with --win-temperature > 0)")
     reward: str = opt("", "reward model checkpoint, a second judge of the win rates; '' = labeler only")
+    best_of: list[int] = opt([], "best-of-n rows for the baseline, e.g. 1 4 16: of n answers sampled at "
+                                 "--win-temperature, the one the reward model (and, as a ceiling, the noiseless "
+                                 "labeler) scores highest, compared with the baseline like every model; [] = off")
     contamination: bool = opt(True, "report the 13-gram overlap of each evaluation set with the training files")
     prompts: list[str] = opt([], "free-form instructions every checkpoint answers greedily (the report's side-by-side "
                                  "table; chat models through the template, a base model continues the text)")
@@ -212,6 +219,21 @@ def sampled_scores(records: list[dict], samples: list[list[str]], temperature: f
             "utility": statistics.fmean(labeler.utility(r, a) for r, a in flat)}
 
 
+def rm_scores(reward: tuple, records: list[dict], answers: list[str]) -> list[float | None]:
+    """The reward model's score of each answer to its record's question (None where it does not fit)."""
+    from tinygpt.reward_model import render_prompt_response, score
+
+    rm, rm_tok, shift = reward
+    seqs = [render_prompt_response(rm_tok, [{"role": "user", "content": r["instruction"]}], a)
+            for r, a in zip(records, answers)]
+    fits = [i for i, s in enumerate(seqs) if len(s) <= rm.cfg.block_size]
+    got = score(rm, [seqs[i] for i in fits], shift=shift).tolist() if fits else []
+    out: list[float | None] = [None] * len(seqs)
+    for i, s in zip(fits, got):
+        out[i] = s
+    return out
+
+
 def win_rates(cand: list[str], base: list[str], records: list[dict], reward: tuple | None) -> dict[str, Any]:
     """Candidate vs baseline answers, judged by the noiseless labeler and (optionally) by the reward model.
 
@@ -220,22 +242,40 @@ def win_rates(cand: list[str], base: list[str], records: list[dict], reward: tup
     out: dict[str, Any] = {"labeler": win_rate([labeler.utility(r, a) for r, a in zip(records, cand)],
                                                [labeler.utility(r, b) for r, b in zip(records, base)])}
     if reward is not None:
-        from tinygpt.reward_model import render_prompt_response, score
-
-        rm, rm_tok, shift = reward
-        pairs = []
-        for r, a, b in zip(records, cand, base):
-            prompt = [{"role": "user", "content": r["instruction"]}]
-            ids_a, ids_b = render_prompt_response(rm_tok, prompt, a), render_prompt_response(rm_tok, prompt, b)
-            if max(len(ids_a), len(ids_b)) <= rm.cfg.block_size:
-                pairs.append((ids_a, ids_b))
+        sa, sb = rm_scores(reward, records, cand), rm_scores(reward, records, base)
+        pairs = [(a, b) for a, b in zip(sa, sb) if a is not None and b is not None]
         if pairs:
-            sa = score(rm, [p[0] for p in pairs], shift=shift).tolist()
-            sb = score(rm, [p[1] for p in pairs], shift=shift).tolist()
-            out["reward_model"] = {**win_rate(sa, sb), "skipped_too_long": len(records) - len(pairs)}
+            out["reward_model"] = {**win_rate([a for a, _ in pairs], [b for _, b in pairs]),
+                                   "skipped_too_long": len(records) - len(pairs)}
         else:
             out["reward_model"] = {"win_rate": None, "n": 0, "skipped_too_long": len(records)}
     return out
+
+
+def best_of_n_rows(answerer: Answerer, records: list[dict], win_records: list[dict], baseline_answers: list[str],
+                   reward: tuple | None, cfg: EvaluateConfig) -> dict[str, Any]:
+    """The baseline's best-of-n for each n of ``--best-of``, picked by the noiseless labeler and by the
+    reward model, each compared with the baseline's own sampled answers as the other rows are."""
+    n_max = max(cfg.best_of)
+    samples = answerer.sampled_answers(records, n_max, cfg.win_temperature)  # (items, n_max)
+    labeler = Labeler(noise=0.0)
+    judges = {"labeler": [[labeler.utility(r, a) for a in outs] for r, outs in zip(records, samples)]}
+    if reward is not None:
+        flat = rm_scores(reward, [r for r in records for _ in range(n_max)], [a for outs in samples for a in outs])
+        flat = [s if s is not None else float("-inf") for s in flat]  # an answer the RM cannot read is never picked
+        judges["reward model"] = [flat[i * n_max:(i + 1) * n_max] for i in range(len(records))]
+    repeats = len(win_records) // len(records)
+    rows = []
+    for n in sorted(set(cfg.best_of)):
+        for judge, scores in judges.items():
+            chosen = [samples[i][j] for i, j in enumerate(best_of_n(scores, n))]
+            compared = [a for a in chosen for _ in range(repeats)]  # in win_records order
+            rows.append({"n": n, "picked_by": judge, "kl_bound": best_of_n_kl(n),
+                         "accuracy": statistics.fmean(grade(r, a) for r, a in zip(records, chosen)),
+                         "utility": statistics.fmean(labeler.utility(r, a) for r, a in zip(records, chosen)),
+                         "answer_rudeness": sum(is_rude(a) for a in chosen) / len(chosen),
+                         "win_rate": win_rates(compared, baseline_answers, win_records, reward)})
+    return {"temperature": cfg.win_temperature, "samples": n_max, "rows": rows}
 
 
 # --- writing ------------------------------------------------------------------------------------------
@@ -301,6 +341,9 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     if cfg.win_temperature < 0 or (cfg.win_temperature > 0 and cfg.win_samples < 1):
         raise ValueError(f"--win-temperature must be >= 0 (got {cfg.win_temperature}) and --win-samples >= 1 "
                          f"(got {cfg.win_samples})")
+    if cfg.best_of and (not cfg.baseline or cfg.win_temperature <= 0 or min(cfg.best_of) < 1):
+        raise ValueError(f"--best-of {cfg.best_of} needs values >= 1, a --baseline to sample from and "
+                         f"--win-temperature > 0 (got {cfg.win_temperature!r}, baseline {cfg.baseline!r})")
     if cfg.judge_url and not cfg.judge_model:
         raise ValueError("--judge-url needs --judge-model (the model name the endpoint serves)")
     world, out = Path(cfg.world), Path(cfg.out)
@@ -337,6 +380,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
 
     baseline_answers = None
     base_ckpt = None
+    best_of = None
     if cfg.baseline:
         base_ckpt = checkpoints[cfg.baseline] if cfg.baseline in checkpoints else resolve_checkpoint(cfg.baseline)
         if base_ckpt not in checkpoints.values():
@@ -346,6 +390,9 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
                 baseline_answers = [a for outs in grouped for a in outs]
             else:
                 baseline_answers = base_answerer.greedy(test_records)
+            if cfg.best_of:
+                best_of = {"checkpoint": str(base_ckpt), **best_of_n_rows(base_answerer, test_records, win_records,
+                                                                          baseline_answers, reward, cfg)}
             del base_answerer
 
     # --- each checkpoint
@@ -404,6 +451,10 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
                 baseline_answers = compared
             if baseline_answers is not None:
                 result["win_rate"] = win_rates(compared, baseline_answers, win_records, reward)
+            if cfg.best_of and ckpt == base_ckpt:
+                bar.set_postfix_str(f"{name}: best-of-{max(cfg.best_of)}")
+                best_of = {"checkpoint": str(ckpt), "name": name,
+                           **best_of_n_rows(answerer, test_records, win_records, baseline_answers, reward, cfg)}
         result["seconds"] = round(time.time() - started, 1)
         results[name] = result
         del answerer
@@ -422,7 +473,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
 
     # --- write
     summary = {"config": asdict(cfg), "checkpoints": results, "contamination": report,
-               "test_items": len(test_records), "attention": attention}
+               "test_items": len(test_records), "attention": attention, "best_of_n": best_of}
     (out / "eval.json").write_text(json.dumps(_finite(summary), indent=2) + "\n")
     (out / "eval.md").write_text(markdown_report(results, report, cfg))
     for name, r in results.items():
