@@ -62,6 +62,10 @@ def test_reward_model_learns_toy_preferences_and_is_shifted(world, tmp_path):
     assert result["noise_ceiling"] == pytest.approx(17 / 18)
     assert result["val_accuracy"] > 0.8  # chance is 0.5
     assert result["val_accuracy_vs_oracle"] > 0.8
+    low, high = result["val_accuracy_vs_oracle_ci95"]  # the headline's 95% interval, and per family
+    assert low <= result["val_accuracy_vs_oracle"] <= high and high - low > 0
+    per_family = result["val_accuracy_vs_oracle_per_family"]
+    assert sum(f["pairs"] for f in per_family.values()) == result["val_oracle_pairs"]
     assert result["val_accuracy_share_of_ceiling"] == pytest.approx(result["val_accuracy"] / (17 / 18))
     # every weight tensor moved, and the scalar head is saved
     init = load_file(str(world["root"] / "sft" / "model.safetensors"))

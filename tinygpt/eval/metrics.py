@@ -140,9 +140,9 @@ def win_rate(candidate_scores: Sequence[float], baseline_scores: Sequence[float]
 Z95 = 1.959963984540054
 
 
-def wilson_interval(successes: int, n: int, z: float = Z95) -> list[float]:
+def wilson_interval(successes: float, n: int, z: float = Z95) -> list[float]:
     """Wilson's score interval for a binomial share (95% by default): better than the normal
-    approximation near 0 and 1 and for small ``n``."""
+    approximation near 0 and 1 and for small ``n``. ``successes`` may count a tie as 1/2."""
     if n < 1 or not 0 <= successes <= n:
         raise ValueError(f"wilson_interval: need 0 <= successes <= n and n >= 1, got {successes}, {n}")
     p = successes / n

@@ -40,6 +40,7 @@ from tinygpt.checkpoint import load_meta
 from tinygpt.config import opt
 from tinygpt.data.preferences import PreferenceDataset, held_out_preferences
 from tinygpt.data.sources import DataError, iter_records, require_field
+from tinygpt.eval.metrics import wilson_interval
 from tinygpt.losses import pairwise_loss, preference_accuracy
 from tinygpt.reward_model import REWARD_SHIFT_KEY, LastTokenReward, score
 from tinygpt.tokenizer import Tokenizer, validate_messages
@@ -64,15 +65,19 @@ class RewardConfig(training.PreferenceConfig):
 
 
 def evaluate(reward_model: torch.nn.Module, data: PreferenceDataset, batch_size: int, device: torch.device,
-             dtype: torch.dtype) -> dict[str, float]:
-    """Validation loss (each prompt once), pair accuracy vs the labels, and vs the noise-free utility order."""
+             dtype: torch.dtype) -> dict[str, Any]:
+    """Validation loss (each prompt once), pair accuracy vs the labels, and vs the noise-free utility order:
+    the headline (InstructGPT's labels are noisy; the oracle's order is what a reward model should learn),
+    with its 95% interval and per family (the ``family`` of the rankings)."""
     was_training = reward_model.training
     reward_model.eval()
     loss_sum = acc_sum = 0.0
     n_prompts = n_pairs = 0
-    oracle_hits, oracle_pairs = 0.0, 0
+    oracle_scores: list[float] = []
+    by_family: dict[str, list[float]] = {}
     with torch.inference_mode(), runtime.autocast(device, dtype):
-        for batch in data.eval_batches(batch_size):
+        for b, batch in enumerate(data.eval_batches(batch_size)):
+            families = [str(g.info.get("family", "-")) for g in data.groups[b * batch_size:(b + 1) * batch_size]]
             batch = batch.to(device)
             rewards = reward_model(batch.ids, batch.lengths)  # (N,)
             r_c, r_r = rewards[batch.chosen], rewards[batch.rejected]  # (P,)
@@ -84,12 +89,18 @@ def evaluate(reward_model: torch.nn.Module, data: PreferenceDataset, batch_size:
             u_c, u_r = batch.utilities[batch.chosen], batch.utilities[batch.rejected]
             strict = torch.isfinite(u_c) & torch.isfinite(u_r) & (u_c != u_r)
             right = preference_accuracy(torch.where(u_c > u_r, r_c, r_r), torch.where(u_c > u_r, r_r, r_c))
-            oracle_hits += right[strict].sum().item()
-            oracle_pairs += int(strict.sum())
+            for score, group in zip(right[strict].tolist(), batch.group[strict].tolist()):
+                oracle_scores.append(score)
+                by_family.setdefault(families[group], []).append(score)
     reward_model.train(was_training)
-    out = {"val_loss": loss_sum / n_prompts, "val_accuracy": acc_sum / n_pairs}
-    if oracle_pairs:
-        out["val_accuracy_vs_oracle"] = oracle_hits / oracle_pairs
+    out: dict[str, Any] = {"val_loss": loss_sum / n_prompts, "val_accuracy": acc_sum / n_pairs}
+    if oracle_scores:
+        out["val_accuracy_vs_oracle"] = sum(oracle_scores) / len(oracle_scores)
+        out["val_accuracy_vs_oracle_ci95"] = wilson_interval(sum(oracle_scores), len(oracle_scores))
+        out["val_oracle_pairs"] = len(oracle_scores)
+        out["val_accuracy_vs_oracle_per_family"] = {
+            f: {"accuracy": sum(s) / len(s), "ci95": wilson_interval(sum(s), len(s)), "pairs": len(s)}
+            for f, s in sorted(by_family.items())}
     return out
 
 
@@ -231,6 +242,9 @@ def main(cfg: RewardConfig) -> dict[str, Any]:
     if run.is_main:
         print(f"reward: step {step}/{max_steps}, checkpoint {ckpt}, reward shift {shift:.4f} over {len(demos)} "
               f"demonstrations ({demos_too_long} too long)"
+              + (f"; vs the noise-free order {last['val_accuracy_vs_oracle']:.3f} (95% interval "
+                 f"{last['val_accuracy_vs_oracle_ci95'][0]:.3f}-{last['val_accuracy_vs_oracle_ci95'][1]:.3f}, "
+                 f"{last['val_oracle_pairs']} pairs)" if "val_accuracy_vs_oracle" in last else "")
               + (f"; val accuracy {last['val_accuracy']:.3f}" if "val_accuracy" in last else "")
               + (f", noise ceiling {noise_ceiling:.3f}" if noise_ceiling is not None else ""))
     return {"interrupted": loop.interrupted, "step": step, "max_steps": max_steps,
