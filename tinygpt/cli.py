@@ -48,6 +48,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
                     "score checkpoints: perplexity, held-out tasks, stories, pass@k, win rates, contamination"),
     ("chat",): ("tinygpt.chat", "ChatConfig", ("checkpoint",),
                 "talk to a chat model in the terminal (streamed, multi-turn, /help for commands)"),
+    ("watermark", "detect"): ("tinygpt.watermark", "DetectConfig", ("checkpoint",),
+                              "test texts for the green-list watermark of `sample/chat --watermark-key` (z, p-value)"),
     ("pipeline",): ("tinygpt.pipeline", "PipelineConfig", (),
                     "the main job: every stage in order on the built-in world, then the report (resumable)"),
 }
