@@ -50,6 +50,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
                 "talk to a chat model in the terminal (streamed, multi-turn, /help for commands)"),
     ("watermark", "detect"): ("tinygpt.watermark", "DetectConfig", ("checkpoint",),
                               "test texts for the green-list watermark of `sample/chat --watermark-key` (z, p-value)"),
+    ("memorisation",): ("tinygpt.eval.memorisation", "MemorisationConfig", (),
+                        "extraction: greedy continuations of training vs held-out documents, exact for 32 / 64 tokens"),
     ("pipeline",): ("tinygpt.pipeline", "PipelineConfig", (),
                     "the main job: every stage in order on the built-in world, then the report (resumable)"),
 }

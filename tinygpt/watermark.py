@@ -87,6 +87,7 @@ class GreenLists:
         self.key, self.gamma, self.vocab_size = key, gamma, vocab_size
         self.fraction = self.n_green / vocab_size  # the exact green share, what the z-score uses
         self._cache: dict[int, Tensor] = {}
+        self._sets: dict[int, frozenset[int]] = {}  # the same lists as sets: is_green is called per token
 
     def mask(self, prev_token: int) -> Tensor:
         m = self._cache.get(prev_token)
@@ -95,7 +96,10 @@ class GreenLists:
         return m
 
     def is_green(self, prev_token: int, token: int) -> bool:
-        return bool(self.mask(prev_token)[token])
+        green = self._sets.get(prev_token)
+        if green is None:
+            green = self._sets[prev_token] = frozenset(self.mask(prev_token).nonzero().flatten().tolist())
+        return token in green
 
 
 # --- sampling: the logits processor ---
