@@ -17,7 +17,7 @@ LAYERS = [  # (layer, module prefixes); a module may import only from its own la
     (5, ["tinygpt.generate", "tinygpt.rewards", "tinygpt.watermark"]),
     (6, ["tinygpt.eval"]),
     (7, ["tinygpt.stages"]),
-    (8, ["tinygpt.pipeline", "tinygpt.chat", "tinygpt.serve", "tinygpt.export", "tinygpt.cli", "tinygpt.__main__"]),
+    (8, ["tinygpt.pipeline", "tinygpt.scaling", "tinygpt.chat", "tinygpt.serve", "tinygpt.export", "tinygpt.cli", "tinygpt.__main__"]),
 ]
 
 
