@@ -99,6 +99,27 @@ def rates(det, texts_ids: list[list[int]], T: int) -> tuple[int, int, int, list[
     return n, bin_hits, z_hits, zs
 
 
+def plot_detection(rows: list[dict], path: Path) -> None:
+    """TPR at the calibrated threshold (measured FPR <= 1e-3) against T, one line per (gamma, delta)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for g, d in sorted({(r["gamma"], r["delta"]) for r in rows}):
+        pts = sorted((r["T"], r["tpr_calibrated"]) for r in rows if (r["gamma"], r["delta"]) == (g, d))
+        ax.plot(*zip(*pts), marker="o", linestyle="-" if g == 0.25 else "--", label=f"gamma {g}, delta {d:g}")
+    ax.set_xscale("log")
+    ax.set_xticks(LENGTHS, [str(t) for t in LENGTHS])
+    ax.set_xlabel("tokens T")
+    ax.set_ylabel("true-positive rate at measured FPR <= 1e-3")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a trained checkpoint (e.g. runs/demo/pretrain)")
@@ -253,7 +274,8 @@ def main() -> None:
         "torch": torch.__version__, "seconds": round(time.time() - t0, 1), "detection": detection,
         "quality": quality, "robustness": robust,
         "world_fpr_over_keys": key_fpr}, indent=1))
-    print(f"wrote {out}/tables.md and results.json in {time.time() - t0:.0f} s")
+    plot_detection(detection, out / "detection.png")
+    print(f"wrote {out}/tables.md, results.json and detection.png in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":
