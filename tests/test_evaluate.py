@@ -178,3 +178,32 @@ def test_spread_limit_takes_every_family_in_turn():
     assert spread_limit(records, 0) == records and spread_limit(records, 99) == records
     assert len(spread_limit(records[:6], 6)) == 6  # a short family runs out; the others fill in
     assert [r["family"] for r in spread_limit(records[:6] + records[10:], 8)] == ["a", "b", "c", "a", "c", "a", "c", "a"]
+
+
+def test_every_checkpoint_answers_the_same_prompts_and_the_base_model_draws_attention(setup, tmp_path, monkeypatch):
+    """What the report shows beside the scores comes from evaluate: it loads no model itself."""
+    from tinygpt.eval import answerer
+
+    budgets = []
+    for fn in ("answer", "continue_text"):
+        real = getattr(answerer, fn)
+        monkeypatch.setattr(answerer, fn, lambda m, t, p, n, _real=real, **kw: budgets.append(n) or _real(m, t, p, n, **kw))
+    root, world, ckpts, tok = setup
+    prompts = ["What is 3 plus 4?", "Write a short story about a cat named Tom."]
+    summary = evaluate.main(_cfg(root, world, ckpts, out=str(tmp_path / "out"), prompts=prompts, pass_n=0,
+                                 n_stories=0, baseline="", data="", contamination=False, long_max_new_tokens=12))
+    results = summary["checkpoints"]
+    assert results["base"]["same_prompts"]["how"] == "base: plain-text continuation"
+    assert results["chat"]["same_prompts"]["how"] == "chat template"
+    for r in results.values():
+        assert r["same_prompts"]["prompts"] == prompts and len(r["same_prompts"]["answers"]) == 2
+    # a free-form prompt has no family: the long budget (12 here); task answers got their family's
+    assert sorted(budgets) == [6, 6, 6, 12, 12]  # the chat model's 3 task families; the free prompts, both models
+    attention = summary["attention"]
+    assert attention["checkpoint"] == str(ckpts["base"]) and attention["tokens"] == 40
+    assert (tmp_path / "out" / attention["figure"]).is_file()
+    assert {p["rule"] for p in attention["picks"]} <= {"previous_token", "repeated_token", "most_focused"}
+    off = evaluate.main(_cfg(root, world, ckpts, out=str(tmp_path / "off"), pass_n=0, n_stories=0, baseline="",
+                             data="", contamination=False, attention=False))
+    assert off["attention"] is None and "same_prompts" not in off["checkpoints"]["chat"]
+

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from tinygpt.checkpoint import CheckpointError, resolve_checkpoint
 from tinygpt.data.shards import prepare_shards
-from tinygpt.metrics import read_metrics
+from tinygpt.runlog import read_metrics
 from tinygpt.stages import pretrain
 from tinygpt.stages.pretrain import PretrainConfig, TrainingDiverged
 from tinygpt.tokenizer import Tokenizer

@@ -1,4 +1,4 @@
-"""The reward model: scoring (rewards.py) and the `tinygpt reward` stage on a tiny model and toy preferences."""
+"""The reward model: scoring (reward_model.py) and the `tinygpt reward` stage on a tiny model and toy preferences."""
 
 import json
 from pathlib import Path
@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from tinygpt.checkpoint import CheckpointError, load_meta, resolve_checkpoint, save_checkpoint
-from tinygpt.metrics import read_metrics
+from tinygpt.runlog import read_metrics
 from tinygpt.model import GPT, ModelConfig
-from tinygpt.rewards import load_reward_model, render_prompt_response, score
+from tinygpt.reward_model import load_reward_model, render_prompt_response, score
 from tinygpt.stages import reward
 from tinygpt.stages.reward import RewardConfig, TrainingDiverged
 from tinygpt.tokenizer import Tokenizer

@@ -35,12 +35,14 @@ HELP = """commands:
   /reset         forget the conversation (the system prompt stays)
   /system TEXT   set the system prompt (/system alone removes it); the conversation restarts
   /temp X        sampling temperature (0 = greedy)
+  //text         send a message that begins with /
   /exit          quit (Ctrl-D too)"""
 
 
 @dataclass
 class ChatConfig:
-    checkpoint: str = opt("", "checkpoint to chat with (a run directory, e.g. runs/x/sft, or a checkpoint directory)")
+    checkpoint: str = opt("", "checkpoint to chat with (a run directory, e.g. runs/x/sft, or a checkpoint directory)",
+                          required=True)
     system: str = opt("", "system prompt (empty: none)")
     temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
     top_k: int = opt(0, "keep only the k most likely tokens (0 = off)")
@@ -158,6 +160,15 @@ def load_session(checkpoint: str, *, device: str = "auto", system: str = "", sam
     return ChatSession(model, tokenizer, system=system, sampling=sampling, notify=notify, logits_processors=procs)
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0, 9), *range(11, 32), 127]}  # all but \t and \n
+
+
+def terminal_safe(text: str) -> str:
+    """Model text as it may be shown on a terminal: control characters (a ``\\r`` that would erase the
+    line, escape sequences) written out as ``\\xNN``; newlines and tabs kept."""
+    return text.translate(_CONTROL)
+
+
 def main(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None) -> dict[str, Any]:
     """The terminal loop; returns counts (turns, dropped messages) when the user leaves."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
@@ -189,7 +200,9 @@ def main(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
         text = line.rstrip("\n")
         if not text.strip():
             continue
-        if text.startswith("/"):
+        if text.startswith("//"):
+            text = text[1:]  # "//x" sends "/x": a message may start with a slash
+        elif text.startswith("/"):
             command, _, arg = text.partition(" ")
             if command == "/exit":
                 break
@@ -219,7 +232,7 @@ def main(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
         stdout.write("bot> ")
         stdout.flush()
         for piece in pieces:
-            stdout.write(piece)
+            stdout.write(terminal_safe(piece))
             stdout.flush()
         say("")
         turns += 1

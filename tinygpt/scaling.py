@@ -65,7 +65,7 @@ def fit_power_law(C: Sequence[float], L: Sequence[float], *, grid: int = 4000) -
 
 @dataclass
 class ScalingConfig:
-    data: str = opt("", "shard directory from `tinygpt prepare` (train.bin, val.bin)")
+    data: str = opt("", "shard directory from `tinygpt prepare` (train.bin, val.bin)", required=True)
     out: str = opt("runs/scaling", "one pretrain run per rung under OUT/, and OUT/scaling.json, OUT/scaling.png")
     widths: list[int] = opt([8, 12, 16, 20, 24], "d_model of each ladder rung (n_layer and n_head fixed)")
     target_width: int = opt(64, "d_model of the held-out run whose loss is predicted (15x the compute of d24)")

@@ -1,5 +1,9 @@
 """A watermark for language models (Kirchenbauer et al. 2023, https://arxiv.org/abs/2301.10226) and its detector.
 
+    tinygpt sample runs/x/pretrain --num-samples 4 --watermark-key SECRET --watermark-delta 2
+    tinygpt watermark detect runs/x/pretrain --key SECRET --text "Once upon a time, ..."
+    tinygpt watermark detect runs/x/pretrain --key SECRET --file samples.jsonl --field text --out scores.jsonl
+
 Sampling side: before each token, a keyed hash of the *previous* token seeds a permutation of the
 vocabulary; its first ``gamma * V`` tokens are the green list, and ``delta`` is added to their logits.
 :func:`watermark_processor` builds that as a logits processor for :func:`tinygpt.generate.generate`
@@ -199,11 +203,11 @@ class WatermarkDetector:
 @dataclass
 class DetectConfig:
     checkpoint: str = opt("", "checkpoint whose tokenizer and vocabulary size the text was sampled with (the "
-                              "weights are not read)")
+                              "weights are not read)", required=True)
     text: list[str] = opt([], "text(s) to test")
     file: str = opt("", "a JSONL file to test, one text per line (see --field); '-' reads stdin")
     field: str = opt("text", "the JSONL field holding the text")
-    key: str = opt("", "the secret watermark key used when sampling (--watermark-key)")
+    key: str = opt("", "the secret watermark key used when sampling (--watermark-key)", required=True)
     gamma: float = opt(DEFAULT_GAMMA, "green share of the vocabulary used when sampling (--watermark-gamma)")
     z_threshold: float = opt(DEFAULT_Z_THRESHOLD, "flag a text as watermarked when z >= this "
                                                   "(4.0: a false-positive rate of 3.2e-5; 3.09: 1e-3)")

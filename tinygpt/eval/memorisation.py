@@ -2,6 +2,8 @@
 the first tokens of a training document and of a held-out one, greedy-decode, and count the
 continuations that reproduce the document exactly for 32 / 64 tokens.
 
+    tinygpt memorisation --checkpoints base=runs/demo/pretrain sft=runs/demo/sft --data runs/demo/data
+
 The held-out documents are the ``val.bin`` side of the same shard directory: the split is by a
 seeded hash of each document, so no training document is in it, but the world's stories share
 templates, and a held-out story's next 32 tokens can be guessed from its first 32. The held-out
@@ -155,8 +157,10 @@ def markdown_table(result: Mapping[str, Any]) -> str:
 
 @dataclass
 class MemorisationConfig:
-    checkpoints: list[str] = opt([], "checkpoints to test, as NAME=PATH or PATH (named after its directory)")
-    data: str = opt("", "the shard directory the base model was pretrained on (train.bin, val.bin: held out)")
+    checkpoints: list[str] = opt([], "checkpoints to test, as NAME=PATH or PATH (named after its directory)",
+                                 required=True)
+    data: str = opt("", "the shard directory the base model was pretrained on (train.bin, val.bin: held out)",
+                    required=True)
     n_docs: int = opt(200, "training and held-out documents each")
     prefix_tokens: int = opt(32, "prompt: BOS and this many tokens of the document")
     continuation_tokens: list[int] = opt([32, 64], "continuation lengths that count as extracted")

@@ -2,15 +2,19 @@
 
 Encodes the prompts with the checkpoint's own tokenizer, calls tinygpt.generate (which knows only
 token ids), decodes, and cuts at stop strings. With ``--stream`` one prompt's tokens are printed
-as they come. An empty prompt means "start a story": the sampler starts from BOS. With
-``--watermark-key`` the samples carry the green-list watermark of :mod:`tinygpt.watermark`
+as they come. An empty prompt means "start a story": the sampler starts from BOS. A prompt plus
+``--max-new-tokens`` past the model's context gets the room the context leaves, and is told so.
+With ``--watermark-key`` the samples carry the green-list watermark of :mod:`tinygpt.watermark`
 (``tinygpt watermark detect`` finds it).
+
+    tinygpt sample runs/x/pretrain --prompt "Once upon a time" --temperature 0.7 --stream
+    tinygpt sample runs/x/pretrain --prompt "" --num-samples 4 --seed 1
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -24,7 +28,7 @@ from tinygpt.watermark import DEFAULT_DELTA, DEFAULT_GAMMA, watermark_processor
 
 @dataclass
 class SampleConfig:
-    checkpoint: str = opt("", "checkpoint directory, or a run directory (its latest checkpoint)")
+    checkpoint: str = opt("", "checkpoint directory, or a run directory (its latest checkpoint)", required=True)
     prompt: list[str] = opt([""], "prompt(s); '' starts a story from BOS")
     num_samples: int = opt(1, "samples per prompt")
     max_new_tokens: int = opt(200, "most tokens to generate per sample")
@@ -57,6 +61,14 @@ def main(cfg: SampleConfig) -> list[str]:
                                  vocab_size=model.cfg.vocab_size)] if cfg.watermark_key else []
     prompts = [p for p in cfg.prompt for _ in range(cfg.num_samples)]
     ids = [tok.encode(p, add_bos=True) for p in prompts]
+    room = model.cfg.block_size - max(len(i) for i in ids)
+    if room < 1:
+        raise ValueError(f"the prompt takes {max(len(i) for i in ids)} tokens, all of the model's context "
+                         f"({model.cfg.block_size}): shorten it")
+    if cfg.max_new_tokens > room:
+        print(f"note: --max-new-tokens {cfg.max_new_tokens} does not fit the model's context of "
+              f"{model.cfg.block_size} tokens after the prompt: sampling {room}", file=sys.stderr)
+        scfg = replace(scfg, max_new_tokens=room)
 
     if cfg.stream:
         if len(ids) != 1:
