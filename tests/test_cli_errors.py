@@ -31,6 +31,9 @@ CASES = {
                     ["--checkpoints", "--world"]),
     ("report",): ([NOWHERE], ["RUN_DIR"]),
     ("chat",): ([NOWHERE], ["CHECKPOINT"]),
+    ("watermark", "detect"): ([NOWHERE, "--key", "k", "--text", "some text"], ["CHECKPOINT", "--key"]),
+    ("memorisation",): (["--checkpoints", NOWHERE, "--data", NOWHERE], ["--checkpoints", "--data"]),
+    ("scaling",): (["--data", NOWHERE, "--out", f"{NOWHERE}/scaling"], ["--data"]),
 }
 
 

@@ -57,6 +57,12 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
                   "redraw a run's report (report.md, report.html) from its stages' logs and eval.json"),
     ("chat",): ("tinygpt.chat", "ChatConfig", ("checkpoint",),
                 "talk to a chat model in the terminal (streamed, multi-turn, /help for commands)"),
+    ("watermark", "detect"): ("tinygpt.watermark", "DetectConfig", ("checkpoint",),
+                              "test texts for the green-list watermark of `sample/chat --watermark-key` (z, p-value)"),
+    ("memorisation",): ("tinygpt.eval.memorisation", "MemorisationConfig", (),
+                        "extraction: greedy continuations of training vs held-out documents, exact for 32 / 64 tokens"),
+    ("scaling",): ("tinygpt.scaling", "ScalingConfig", (),
+                   "predictable scaling: a ladder of small pretraining runs, L(C) = a C^b + c, a run 15x past it checked"),
     ("pipeline",): ("tinygpt.pipeline", "PipelineConfig", (),
                     "the main job: every stage in order on the built-in world, then the report (resumable)"),
 }
