@@ -48,6 +48,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
                     "score checkpoints: perplexity, held-out tasks, stories, pass@k, win rates, contamination"),
     ("chat",): ("tinygpt.chat", "ChatConfig", ("checkpoint",),
                 "talk to a chat model in the terminal (streamed, multi-turn, /help for commands)"),
+    ("export", "hf"): ("tinygpt.export.hf", "ExportHFConfig", ("checkpoint",),
+                       "write a checkpoint as a Hugging Face model directory (transformers, peft; no custom code)"),
     ("pipeline",): ("tinygpt.pipeline", "PipelineConfig", (),
                     "the main job: every stage in order on the built-in world, then the report (resumable)"),
 }
