@@ -50,6 +50,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
                 "talk to a chat model in the terminal (streamed, multi-turn, /help for commands)"),
     ("export", "hf"): ("tinygpt.export.hf", "ExportHFConfig", ("checkpoint",),
                        "write a checkpoint as a Hugging Face model directory (transformers, peft; no custom code)"),
+    ("export", "gguf"): ("tinygpt.export.gguf", "ExportGGUFConfig", ("checkpoint",),
+                         "write a checkpoint as one GGUF file for llama.cpp (f32, f16 or q8_0)"),
     ("pipeline",): ("tinygpt.pipeline", "PipelineConfig", (),
                     "the main job: every stage in order on the built-in world, then the report (resumable)"),
 }
