@@ -14,7 +14,7 @@ LAYERS = [  # (layer, module prefixes); a module may import only from its own la
     (2, ["tinygpt.model"]),
     (3, ["tinygpt.losses", "tinygpt.optim"]),
     (4, ["tinygpt.checkpoint", "tinygpt.lora"]),
-    (5, ["tinygpt.generate", "tinygpt.rewards"]),
+    (5, ["tinygpt.generate", "tinygpt.rewards", "tinygpt.quantize"]),
     (6, ["tinygpt.eval"]),
     (7, ["tinygpt.stages"]),
     (8, ["tinygpt.pipeline", "tinygpt.chat", "tinygpt.serve", "tinygpt.export", "tinygpt.cli", "tinygpt.__main__"]),

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 import torch
 
-from tinygpt import runtime
+from tinygpt import quantize, runtime
 from tinygpt.checkpoint import load_model, load_tokenizer_json
 from tinygpt.config import opt
 from tinygpt.generate import SamplingConfig, stream
@@ -47,6 +47,7 @@ class ChatConfig:
     max_new_tokens: int = opt(128, "longest reply in tokens")
     seed: int | None = opt(None, "sampling seed (None: different replies every run)")
     device: str = opt("auto", "auto, cpu, cuda or mps")
+    quantize: str = opt("none", "none, or int8: int8 weights through torchao (faster CPU decoding; see tinygpt.quantize)")
 
 
 class ChatSession:
@@ -139,11 +140,11 @@ class ChatSession:
 
 
 def load_session(checkpoint: str, *, device: str = "auto", system: str = "", sampling: SamplingConfig | None = None,
-                 notify: Callable[[str], None] | None = None) -> ChatSession:
-    """A ChatSession on a checkpoint."""
+                 notify: Callable[[str], None] | None = None, quantize_mode: str = "none") -> ChatSession:
+    """A ChatSession on a checkpoint (``quantize_mode="int8"``: int8 weights, see tinygpt.quantize)."""
     dev = runtime.resolve_device(device)
     model, _ = load_model(checkpoint, device=dev)
-    model.eval()
+    model = quantize.apply(model.eval(), quantize_mode)
     tokenizer = Tokenizer.from_str(load_tokenizer_json(checkpoint))
     return ChatSession(model, tokenizer, system=system, sampling=sampling, notify=notify)
 
@@ -161,7 +162,8 @@ def main(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
     sampling = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                               repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens,
                               seed=cfg.seed)
-    session = load_session(cfg.checkpoint, device=cfg.device, system=cfg.system, sampling=sampling, notify=say)
+    session = load_session(cfg.checkpoint, device=cfg.device, system=cfg.system, sampling=sampling, notify=say,
+                           quantize_mode=cfg.quantize)
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     say(f"tinygpt chat: {cfg.checkpoint} ({session.model.num_params() / 1e6:.2f}M params, "

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tinygpt import runtime
+from tinygpt import quantize, runtime
 from tinygpt.checkpoint import load_model, load_tokenizer_json
 from tinygpt.config import opt
 from tinygpt.generate import SamplingConfig, generate, stop_strings, stream
@@ -33,6 +33,7 @@ class SampleConfig:
     seed: int = opt(0, "sampling seed (same seed, same text)")
     stream: bool = opt(False, "print tokens as they come (one prompt, one sample)")
     device: str = opt("auto", "auto, cpu, cuda or mps")
+    quantize: str = opt("none", "none, or int8: int8 weights through torchao (faster CPU decoding; see tinygpt.quantize)")
 
 
 def main(cfg: SampleConfig) -> list[str]:
@@ -40,7 +41,7 @@ def main(cfg: SampleConfig) -> list[str]:
         raise ValueError("a checkpoint is required: tinygpt sample CKPT --prompt ...")
     device = runtime.resolve_device(cfg.device)
     model, _ = load_model(cfg.checkpoint, device=device)
-    model.eval()
+    model = quantize.apply(model.eval(), cfg.quantize)
     tok = Tokenizer.from_str(load_tokenizer_json(cfg.checkpoint))
     scfg = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                           repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens,
