@@ -99,3 +99,25 @@ def make_lora_checkpoint(root: Path, arch: str, tok: Tokenizer) -> tuple[Path, P
                            meta={"stage": "sft", "init": str(base_path), "adapter": lora.ADAPTER_DIR})
     lora.save_adapter(wrapped, ckpt, base=base_path)
     return base_path, ckpt
+
+
+def overfit_chats(model: GPT, tok: Tokenizer, conversations: list[list[dict]], steps: int = 150, seed: int = 0) -> GPT:
+    """Fit ``model`` to these chats (loss on the assistant tokens, render_chat's mask): a model that
+    answers some of them right, so an accuracy computed two ways is neither 0 nor 1 by accident."""
+    rendered = [tok.render_chat(c) for c in conversations]
+    T = max(len(ids) for ids, _ in rendered)
+    x = torch.full((len(rendered), T), tok.pad_id)
+    m = torch.zeros(len(rendered), T)
+    for i, (ids, mask) in enumerate(rendered):
+        x[i, :len(ids)], m[i, :len(mask)] = torch.tensor(ids), torch.tensor(mask, dtype=torch.float)
+    torch.manual_seed(seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        logits = model(x[:, :-1])                                              # (N, T-1, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+        loss = (loss * m[:, 1:].flatten()).sum() / m[:, 1:].sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
