@@ -54,6 +54,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
                          "write a checkpoint as one GGUF file for llama.cpp (f32, f16 or q8_0)"),
     ("export", "lm-eval"): ("tinygpt.export.lmeval", "ExportLMEvalConfig", (),
                             "write the world's held-out Task 1 split as an lm-evaluation-harness task"),
+    ("export", "data"): ("tinygpt.export.data", "ExportDataConfig", (),
+                         "write SFT chats, RL prompts and preference pairs in TRL's conversational schemas"),
     ("pipeline",): ("tinygpt.pipeline", "PipelineConfig", (),
                     "the main job: every stage in order on the built-in world, then the report (resumable)"),
 }
