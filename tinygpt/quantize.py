@@ -1,57 +1,68 @@
-"""int8 weights for inference (``tinygpt sample/chat --quantize int8``), through torchao.
+"""int8 weights for CPU inference (``tinygpt sample/chat --quantize int8``), through PyTorch's own kernels.
 
-:func:`quantize_int8` replaces the weight of every ``nn.Linear`` of a GPT (attention and MLP
-projections, and the output head) with torchao's int8 tensor subclass: symmetric per-output-channel
-int8 weights with one float scale a row, activations kept in float (``Int8WeightOnlyConfig``).
-Decoding at small batch reads every weight once per token, so 4x fewer weight bytes is what makes
-it faster; benchmarks/int8_decode.py measures tokens/s and perplexity against fp32 in one run.
-The token embedding stays float (it is a lookup, not a matmul): with tied embeddings the output
-head gets its own int8 copy and the embedding keeps the float matrix.
+:func:`quantize_int8` turns every ``nn.Linear`` of a GPT (attention and MLP projections and the
+output head) into a dynamically quantized int8 Linear: weights int8 per output channel with one
+float scale a row, activations quantized to int8 on the fly per call, the matmul run by PyTorch's
+x86 int8 GEMM (fbgemm / oneDNN) and the result returned in float. The token embedding stays float
+(a lookup, not a matmul); with tied embeddings the head gets its own int8 copy.
 
-This is torchao's well-kept path (``torch.ao.quantization.quantize_dynamic`` is deprecated in favour
-of it); tinygpt writes no kernels. It knows the model only as a module tree: nothing about
-tokenizers, checkpoints or sampling. The server and the exporters call the same function.
+Two well-kept paths, no hand-written kernels:
+
+    backend="torch"    torch.ao.quantization.quantize_dynamic with per-channel weights (the default):
+                       real int8 matmuls in eager mode. PyTorch has marked it for migration to torchao
+                       (it warns so), but it is the path with eager CPU int8 kernels today.
+    backend="torchao"  torchao's Int8WeightOnlyConfig: int8 storage, dequantized to float for the
+                       matmul. It saves memory; on a CPU without torch.compile it decodes slower.
+
+benchmarks/int8_decode.py measures both against fp32 (tokens/s, perplexity) in one run.
+
+It knows the model only as a module tree: nothing about tokenizers, checkpoints or sampling. The
+server and other callers use :func:`quantize_int8` or :func:`apply`.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 
+import torch
 from torch import nn
 
 MODES = ("none", "int8")
+BACKENDS = ("torch", "torchao")
 
 
-def _torchao():
-    # torchao logs a line per optional CUDA/cutlass extension it cannot load on a CPU-only torch
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    try:
-        import torchao.quantization as tq
-    except ImportError as e:
-        raise ImportError("--quantize int8 needs torchao: pip install 'tinygpt[int8]' (or pip install torchao)") from e
-    return tq
+def _is_target(module: nn.Module, fqn: str) -> bool:
+    """Every Linear except a reward/value model's scalar head (one output row: tiny, and one scale for all)."""
+    return isinstance(module, nn.Linear) and not fqn.endswith("scalar_head")
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Quantize ``model``'s Linear weights to int8 in place (inference only) and return it.
-
-    The scalar head of a reward/value model (one output) stays float: it is tiny and its single
-    output row would get one scale for everything."""
-    tq = _torchao()
-    model.eval()  # an int8 model is for inference only
-
-    def is_target(module: nn.Module, fqn: str) -> bool:
-        return isinstance(module, nn.Linear) and not fqn.endswith("scalar_head")
-
-    # untie first, so the embedding lookup keeps its float matrix and only the head's copy is quantized
-    head = getattr(model, "lm_head", None)
-    emb = getattr(model, "tok_emb", None)
-    if head is not None and emb is not None and head.weight is emb.weight:
-        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+def quantize_int8(model: nn.Module, backend: str = "torch") -> nn.Module:
+    """Quantize ``model``'s Linear layers to int8 for inference and return it (changed in place)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"int8 backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    tq.quantize_(model, tq.Int8WeightOnlyConfig(), filter_fn=is_target)
-    model.quantized = "int8"
+    targets = {name for name, m in model.named_modules() if _is_target(m, name)}
+    if backend == "torch":
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        with warnings.catch_warnings():  # the migration notice, once per Linear
+            warnings.simplefilter("ignore", (DeprecationWarning, UserWarning, FutureWarning))
+            quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in targets}, dtype=torch.qint8,
+                             inplace=True)
+    else:
+        logging.getLogger("torchao").setLevel(logging.ERROR)  # one line per CUDA extension it cannot load
+        try:
+            import torchao.quantization as tq
+        except ImportError as e:
+            raise ImportError("the torchao int8 backend needs torchao: pip install 'tinygpt[int8]'") from e
+        head, emb = getattr(model, "lm_head", None), getattr(model, "tok_emb", None)
+        if head is not None and emb is not None and head.weight is emb.weight:  # untie: the lookup stays float
+            head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+        tq.quantize_(model, tq.Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: fqn in targets)
+    model.quantized = f"int8 ({backend})"
     return model
 
 
@@ -63,13 +74,22 @@ def apply(model: nn.Module, mode: str) -> nn.Module:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's parameters and buffers (an int8 tensor counts its int8 data and scales)."""
+    """Bytes of the model's weights: float parameters and buffers, int8 data plus scales of quantized layers."""
     total, seen = 0, set()
+    for module in model.modules():
+        packed = getattr(module, "_packed_params", None)
+        if packed is not None and callable(getattr(module, "weight", None)):  # torch's dynamic int8 Linear
+            w = module.weight()
+            scales = w.q_per_channel_scales().numel() if w.qscheme() in (torch.per_channel_affine,
+                                                                          torch.per_channel_symmetric) else 1
+            total += w.numel() + scales * 12  # int8 values; a float64 scale and an int32 zero point a row
+            bias = module.bias()
+            total += bias.numel() * bias.element_size() if bias is not None else 0
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) in seen:
             continue
         seen.add(id(t))
-        inner = [getattr(t, name) for name in getattr(t, "tensor_data_names", ())] if hasattr(t, "tensor_data_names") else []
-        total += sum(x.numel() * x.element_size() for x in inner) if inner else t.numel() * t.element_size()
+        names = getattr(t, "tensor_data_names", None)  # a torchao tensor: its int8 data and scales
+        inner = [getattr(t, n) for n in names] if names else [t]
+        total += sum(x.numel() * x.element_size() for x in inner)
     return total
-
