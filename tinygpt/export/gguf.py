@@ -19,6 +19,12 @@ Types: ``f32`` keeps every weight exact; ``f16`` stores matrices in half precisi
 matrices in llama.cpp's 8-bit blocks of 32 (``gguf.quants``). Norms and biases stay f32, as in
 llama.cpp's converters, and a matrix whose rows are not a multiple of 32 stays f16 under q8_0.
 
+GPT-2 in llama.cpp: its positions are a learned table of ``block_size`` rows, and llama.cpp rounds
+the context it allocates up to a multiple of 256 and lets generation run past the trained context
+(it only warns), so a gpt2 model with ``block_size`` < 256 that generates past ``block_size`` makes
+llama.cpp abort on the position lookup (GGML_ASSERT in get_rows). The export says so; keep
+prompt + reply within ``block_size`` there, or use the llama preset (RoPE), which has no table.
+
 llama.cpp tokenizes a typed ``"<|end|>"`` as text unless asked to parse special tokens, as tinygpt
 does (tests/test_export_gguf.py checks token ids, logits and greedy continuations in llama-cpp-python).
 
@@ -190,7 +196,8 @@ def export_gguf(checkpoint: str | Path, out: str | Path, *, kind: str = "f32", o
         tmp.unlink(missing_ok=True)
         raise
     return {"checkpoint": str(ckpt), "out": str(out), "architecture": arch, "type": kind,
-            "bytes": out.stat().st_size, "tensor_types": counts, "parameters": model.num_params()}
+            "bytes": out.stat().st_size, "tensor_types": counts, "parameters": model.num_params(),
+            "block_size": cfg.block_size}
 
 
 def main(cfg: ExportGGUFConfig) -> dict[str, Any]:
@@ -199,5 +206,8 @@ def main(cfg: ExportGGUFConfig) -> dict[str, Any]:
     summary = export_gguf(cfg.checkpoint, cfg.out, kind=cfg.type, overwrite=cfg.overwrite)
     types = ", ".join(f"{n} {t}" for t, n in summary["tensor_types"].items())
     print(f"wrote {cfg.out}: {summary['architecture']}, {cfg.type}, {summary['bytes'] / 1e6:.2f} MB ({types} tensors)")
+    if summary["architecture"] == "gpt2" and summary["block_size"] % 256:
+        print(f"  note: gpt2 positions are a table of {summary['block_size']} rows; llama.cpp rounds its context up to "
+              f"a multiple of 256 and aborts if generation runs past {summary['block_size']} tokens (see tinygpt.export.gguf)")
     print(f"  run it: llama-cli -m {cfg.out}   or   python -c \"import llama_cpp; llama_cpp.Llama('{cfg.out}')\"")
     return summary

@@ -180,7 +180,7 @@ def _lora_export(ckpt: Path, base_dir: Path, adapter_dir: Path, final_base: Path
                         fan_in_fan_out=base.cfg.arch == "gpt2",  # GPT-2's Conv1D stores W transposed
                         task_type="CAUSAL_LM")
     peft_model = get_peft_model(hf_base, config)
-    peft_model.peft_config["default"].base_model_name_or_path = str(final_base)
+    peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)  # exists now (peft reads its config)
     converted = convert_lora_state(base, load_file(str(adapter_src / lora.ADAPTER_WEIGHTS)))
     expected = set(get_peft_model_state_dict(peft_model))
     if expected != set(converted):
@@ -189,6 +189,8 @@ def _lora_export(ckpt: Path, base_dir: Path, adapter_dir: Path, final_base: Path
     set_peft_model_state_dict(peft_model, converted)
     peft_model.save_pretrained(adapter_dir)
     assert isinstance(peft_model, PeftModel)
+    saved = adapter_dir / "adapter_config.json"  # point at where base/ will be once the export is renamed
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "base_model_name_or_path": str(final_base)}, indent=2))
     return {"lora_r": saved_cfg["r"], "lora_alpha": saved_cfg["lora_alpha"], "lora_targets": targets,
             "token_rows_in_base": token_ids}
 
