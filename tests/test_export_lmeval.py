@@ -53,6 +53,12 @@ def test_task_files(world, tmp_path):
     with pytest.raises(FileNotFoundError, match="no \\*_test.jsonl"):
         export_lm_eval(tmp_path, tmp_path / "other")
     assert cli.run(["export", "lm-eval", "--world", str(world), "--out", str(tmp_path / "cli"), "--max-items", "1"])["items"] == len(families)
+    # --checkpoint: budgets capped at the room a 128-token context leaves (lm-eval refuses max_gen_toks >= context)
+    tok = Tokenizer.train([r["instruction"] for r in rows] * 3, vocab_size=300, show_progress=False)
+    ckpt = save(tmp_path / "ckpt", seeded_model(tiny_config("gpt2", tok.vocab_size, block_size=128)), tok)
+    capped = export_lm_eval(world, tmp_path / "capped", max_items=ITEMS, checkpoint=ckpt)["budgets"]
+    assert summary["budgets"]["write_story"] == 176 and 1 <= capped["write_story"] < 128
+    assert all(capped[f] <= summary["budgets"][f] for f in families)
 
 
 @pytest.mark.slow

@@ -19,8 +19,11 @@ prompt is the instruction in the model's chat template (``--apply_chat_template`
 ``render_chat``'s ids), decoding is greedy and stops at ``<|end|>`` or EOS (the exported generation
 config), the answer budget per family is evaluate's (``--max-new-tokens`` /
 ``--long-max-new-tokens`` through ``tasks.answer_budget``), and the grade is the same function.
-Where a prompt plus its budget overflow the context, lm-eval cuts the prompt's start while tinygpt
-shrinks the budget; the world's test prompts fit the demo's 256-token context. Base models are
+Where a prompt plus its budget overflow the context, lm-eval cuts the prompt's start (and refuses a
+budget as long as the context) while tinygpt shrinks the budget. With ``--checkpoint`` the export
+reads the model's context and tokenizer and caps each family's budget at the room its longest prompt
+leaves, so neither happens (tinygpt, batching by length, may give shorter prompts a little more room).
+The world's test prompts fit the demo's 256-token context with the default budgets. Base models are
 scored few-shot by ``tinygpt evaluate``; this task is for chat models.
 
 It reads the world's files and writes text; it needs neither a model nor lm-eval itself.
@@ -34,8 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tinygpt.checkpoint import load_config, load_tokenizer_json
 from tinygpt.config import opt
 from tinygpt.data.sources import DataError, iter_records
+from tinygpt.tokenizer import Tokenizer
 from tinygpt.world.tasks import DEFAULT_LONG_ANSWER_TOKENS, answer_budget
 
 GROUP = "tinygpt_task1"
@@ -62,6 +67,7 @@ class ExportLMEvalConfig:
     max_new_tokens: int = opt(48, "answer budget in tokens (as `tinygpt evaluate --max-new-tokens`)")
     long_max_new_tokens: int = opt(DEFAULT_LONG_ANSWER_TOKENS, "budget of the families whose answers are whole "
                                    "stories (as `tinygpt evaluate --long-max-new-tokens`)")
+    checkpoint: str = opt("", "optional: the model to be evaluated; caps each budget at the room its context leaves")
     overwrite: bool = opt(False, "replace an existing output directory")
 
 
@@ -101,8 +107,9 @@ def _group_yaml(families: list[str]) -> str:
 
 
 def export_lm_eval(world: str | Path, out: str | Path, *, max_items: int = 0, max_new_tokens: int = 48,
-                   long_max_new_tokens: int = DEFAULT_LONG_ANSWER_TOKENS, overwrite: bool = False) -> dict[str, Any]:
-    """Write the task directory; returns {family: items} and the paths."""
+                   long_max_new_tokens: int = DEFAULT_LONG_ANSWER_TOKENS, checkpoint: str | Path | None = None,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """Write the task directory; returns {family: items}, the budgets, and the paths."""
     world, out = Path(world), Path(out)
     test_files = sorted((world / "tasks").glob("*_test.jsonl"))
     if not test_files:
@@ -113,8 +120,13 @@ def export_lm_eval(world: str | Path, out: str | Path, *, max_items: int = 0, ma
         if not overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
         shutil.rmtree(out)
+    block, tokenizer = None, None
+    if checkpoint:
+        block = load_config(checkpoint).block_size
+        tokenizer = Tokenizer.from_str(load_tokenizer_json(checkpoint))
     (out / "data").mkdir(parents=True)
     counts: dict[str, int] = {}
+    budgets: dict[str, int] = {}
     for path in test_files:
         rows = []
         for where, record in iter_records(path):
@@ -130,19 +142,26 @@ def export_lm_eval(world: str | Path, out: str | Path, *, max_items: int = 0, ma
         data_file = out / "data" / f"{family}_test.jsonl"
         data_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         budget = answer_budget(family, max_new_tokens, long_max_new_tokens)
+        if block is not None:  # the room the longest prompt of the family leaves in the context
+            longest = max(len(tokenizer.render_chat([{"role": "user", "content": r["instruction"]}],
+                                                    add_generation_prompt=True)[0]) for r in rows)
+            budget = max(1, min(budget, block - longest))
+        budgets[family] = budget
         (out / f"{GROUP}_{family}.yaml").write_text(_task_yaml(family, data_file, budget))
         counts[family] = len(rows)
     (out / f"{GROUP}.yaml").write_text(_group_yaml(sorted(counts)))
     (out / f"{UTILS}.py").write_text(UTILS_SOURCE)
-    return {"out": str(out), "group": GROUP, "families": counts, "items": sum(counts.values())}
+    return {"out": str(out), "group": GROUP, "families": counts, "items": sum(counts.values()), "budgets": budgets}
 
 
 def main(cfg: ExportLMEvalConfig) -> dict[str, Any]:
     if not cfg.world or not cfg.out:
         raise ValueError("give --world and --out: tinygpt export lm-eval --world runs/demo/world --out runs/demo/lm_eval_tasks")
     summary = export_lm_eval(cfg.world, cfg.out, max_items=cfg.max_items, max_new_tokens=cfg.max_new_tokens,
-                             long_max_new_tokens=cfg.long_max_new_tokens, overwrite=cfg.overwrite)
-    print(f"wrote lm-eval group {GROUP} ({summary['items']} items in {len(summary['families'])} families) to {cfg.out}")
+                             long_max_new_tokens=cfg.long_max_new_tokens, checkpoint=cfg.checkpoint or None,
+                             overwrite=cfg.overwrite)
+    print(f"wrote lm-eval group {GROUP} ({summary['items']} items in {len(summary['families'])} families) to {cfg.out}; "
+          f"answer budgets {summary['budgets']}")
     print(f"  run it: lm_eval --model hf --model_args pretrained=HF_DIR,dtype=float32 --include_path {cfg.out} "
           f"--tasks {GROUP} --apply_chat_template --batch_size 16")
     return summary
