@@ -34,6 +34,10 @@ CASES = {
     ("watermark", "detect"): ([NOWHERE, "--key", "k", "--text", "some text"], ["CHECKPOINT", "--key"]),
     ("memorisation",): (["--checkpoints", NOWHERE, "--data", NOWHERE], ["--checkpoints", "--data"]),
     ("scaling",): (["--data", NOWHERE, "--out", f"{NOWHERE}/scaling"], ["--data"]),
+    ("export", "hf"): ([NOWHERE, "--out", "/tmp/tinygpt-never-written-hf"], ["CHECKPOINT", "--out"]),
+    ("export", "gguf"): ([NOWHERE, "--out", "/tmp/tinygpt-never-written.gguf"], ["CHECKPOINT", "--out"]),
+    ("export", "lm-eval"): (["--world", NOWHERE, "--out", "/tmp/tinygpt-never-written-lmeval"], ["--world", "--out"]),
+    ("export", "data"): (["--world", NOWHERE, "--out", "/tmp/tinygpt-never-written-data"], ["--world", "--out"]),
 }
 
 

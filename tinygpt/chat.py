@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 import torch
 
-from tinygpt import runtime
+from tinygpt import quantize, runtime
 from tinygpt.checkpoint import load_model, load_tokenizer_json
 from tinygpt.config import opt
 from tinygpt.generate import LogitsProcessor, SamplingConfig, stream
@@ -54,6 +54,7 @@ class ChatConfig:
     watermark_key: str = opt("", "secret key: watermark every reply (green list seeded by the previous token); '' = off")
     watermark_gamma: float = opt(DEFAULT_GAMMA, "watermark: share of the vocabulary on each green list")
     watermark_delta: float = opt(DEFAULT_DELTA, "watermark: bias added to green logits")
+    quantize: str = opt("none", quantize.HELP)
 
 
 class ChatSession:
@@ -149,11 +150,13 @@ class ChatSession:
 
 def load_session(checkpoint: str, *, device: str = "auto", system: str = "", sampling: SamplingConfig | None = None,
                  notify: Callable[[str], None] | None = None, watermark_key: str = "",
-                 watermark_gamma: float = DEFAULT_GAMMA, watermark_delta: float = DEFAULT_DELTA) -> ChatSession:
-    """A ChatSession on a checkpoint; a non-empty ``watermark_key`` watermarks its replies."""
+                 watermark_gamma: float = DEFAULT_GAMMA, watermark_delta: float = DEFAULT_DELTA,
+                 quantize_mode: str = "none") -> ChatSession:
+    """A ChatSession on a checkpoint; a non-empty ``watermark_key`` watermarks its replies;
+    ``quantize_mode="int8"``: int8 weights (see tinygpt.quantize)."""
     dev = runtime.resolve_device(device)
     model, _ = load_model(checkpoint, device=dev)
-    model.eval()
+    model = quantize.apply(model.eval(), quantize_mode)
     tokenizer = Tokenizer.from_str(load_tokenizer_json(checkpoint))
     procs = [watermark_processor(watermark_key, watermark_gamma, watermark_delta,
                                  vocab_size=model.cfg.vocab_size)] if watermark_key else []
@@ -184,7 +187,7 @@ def main(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
                               seed=cfg.seed)
     session = load_session(cfg.checkpoint, device=cfg.device, system=cfg.system, sampling=sampling, notify=say,
                            watermark_key=cfg.watermark_key, watermark_gamma=cfg.watermark_gamma,
-                           watermark_delta=cfg.watermark_delta)
+                           watermark_delta=cfg.watermark_delta, quantize_mode=cfg.quantize)
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     say(f"tinygpt chat: {cfg.checkpoint} ({session.model.num_params() / 1e6:.2f}M params, "

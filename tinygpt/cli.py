@@ -63,6 +63,14 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
                         "extraction: greedy continuations of training vs held-out documents, exact for 32 / 64 tokens"),
     ("scaling",): ("tinygpt.scaling", "ScalingConfig", (),
                    "predictable scaling: a ladder of small pretraining runs, L(C) = a C^b + c, a run 15x past it checked"),
+    ("export", "hf"): ("tinygpt.export.hf", "ExportHFConfig", ("checkpoint",),
+                       "write a checkpoint as a Hugging Face model directory (transformers, peft; no custom code)"),
+    ("export", "gguf"): ("tinygpt.export.gguf", "ExportGGUFConfig", ("checkpoint",),
+                         "write a checkpoint as one GGUF file for llama.cpp (f32, f16 or q8_0)"),
+    ("export", "lm-eval"): ("tinygpt.export.lmeval", "ExportLMEvalConfig", (),
+                            "write the world's held-out Task 1 split as an lm-evaluation-harness task"),
+    ("export", "data"): ("tinygpt.export.data", "ExportDataConfig", (),
+                         "write SFT chats, RL prompts and preference pairs in TRL's conversational schemas"),
     ("pipeline",): ("tinygpt.pipeline", "PipelineConfig", (),
                     "the main job: every stage in order on the built-in world, then the report (resumable)"),
 }
@@ -150,6 +158,8 @@ def run(argv: list[str]) -> Any:
 def _one_line(error: BaseException) -> str:
     """The error's message (its type where it has none, or where the type says more: KeyError, ...)."""
     text = str(error).strip()
+    if isinstance(error, ModuleNotFoundError):
+        return f"{text}: this command needs an optional dependency (pyproject.toml says which extra has it)"
     if not text or not isinstance(error, (ValueError, OSError, RuntimeError)):
         text = f"{type(error).__name__}: {text}" if text else type(error).__name__
     return " ".join(text.split("\n")) if len(text) < 2000 else text[:2000] + " ..."

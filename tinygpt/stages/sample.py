@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from tinygpt import runtime
+from tinygpt import quantize, runtime
 from tinygpt.checkpoint import load_model, load_tokenizer_json
 from tinygpt.config import opt
 from tinygpt.generate import SamplingConfig, generate, stop_strings, stream
@@ -44,6 +44,7 @@ class SampleConfig:
     watermark_gamma: float = opt(DEFAULT_GAMMA, "watermark: share of the vocabulary on each green list")
     watermark_delta: float = opt(DEFAULT_DELTA, "watermark: bias added to green logits (larger: easier to detect, "
                                                 "further from the model)")
+    quantize: str = opt("none", quantize.HELP)
 
 
 def main(cfg: SampleConfig) -> list[str]:
@@ -51,7 +52,7 @@ def main(cfg: SampleConfig) -> list[str]:
         raise ValueError("a checkpoint is required: tinygpt sample CKPT --prompt ...")
     device = runtime.resolve_device(cfg.device)
     model, _ = load_model(cfg.checkpoint, device=device)
-    model.eval()
+    model = quantize.apply(model.eval(), cfg.quantize)
     tok = Tokenizer.from_str(load_tokenizer_json(cfg.checkpoint))
     scfg = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                           repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens,
