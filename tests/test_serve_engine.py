@@ -127,10 +127,11 @@ def test_cancel_frees_the_row_at_once(model):
 
 def test_queue_is_bounded_and_a_waiting_request_can_leave_it(model):
     engine = Engine(model, max_batch=1, max_queue=2)  # not started: nothing leaves the queue
-    reqs = [run(engine, [1], 4)[0] for _ in range(2)]
+    reqs = [run(engine, [1], 4)[0] for _ in range(3)]  # one takes the free row at the next boundary, two wait
+    assert engine.load()["waiting"] == 2
     with pytest.raises(QueueFull):
         run(engine, [1], 4)
-    engine.cancel(reqs[0])
+    engine.cancel(reqs[1])
     assert engine.load()["waiting"] == 1
     run(engine, [1], 4)  # room again
     with pytest.raises(ValueError, match="exceeds the model's context"):

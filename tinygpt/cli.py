@@ -48,6 +48,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
                     "score checkpoints: perplexity, held-out tasks, stories, pass@k, win rates, contamination"),
     ("chat",): ("tinygpt.chat", "ChatConfig", ("checkpoint",),
                 "talk to a chat model in the terminal (streamed, multi-turn, /help for commands)"),
+    ("serve",): ("tinygpt.serve", "ServeConfig", ("checkpoint",),
+                 "serve a checkpoint: OpenAI-compatible API (/v1) with batched decoding, and a web chat page (/)"),
     ("pipeline",): ("tinygpt.pipeline", "PipelineConfig", (),
                     "the main job: every stage in order on the built-in world, then the report (resumable)"),
 }

@@ -211,8 +211,9 @@ class Engine:
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the engine is stopped")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting already (the server's --max-queue)")
+            waiting = self._queued()
+            if waiting >= self.max_queue:
+                raise QueueFull(f"{waiting} requests are waiting already (the server's --max-queue)")
             request.submitted_at = time.perf_counter()
             self._waiting.append(request)
             self._cond.notify_all()
@@ -231,10 +232,20 @@ class Engine:
                 return
         _emit(request, [Event(c, finish="cancelled") for c in range(request.n)])
 
+    def _queued(self) -> int:
+        """Requests that will still wait after the next token boundary (the ones free rows take do not count)."""
+        free, waiting = self.max_batch - len(self._rows), 0
+        for request in self._waiting:
+            if waiting == 0 and request.n <= free:
+                free -= request.n
+            else:
+                waiting += 1
+        return waiting
+
     def load(self) -> dict[str, int]:
         """Active rows and waiting requests now (for /health, tests and the benchmark)."""
         with self._cond:
-            return {"active_rows": len(self._rows), "waiting": len(self._waiting), "max_batch": self.max_batch,
+            return {"active_rows": len(self._rows), "waiting": self._queued(), "max_batch": self.max_batch,
                     "max_queue": self.max_queue}
 
     # --- the engine thread ---
