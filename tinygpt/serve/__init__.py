@@ -76,7 +76,11 @@ def main(cfg: ServeConfig) -> dict:
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((cfg.host, cfg.port))
+    try:
+        sock.bind((cfg.host, cfg.port))
+    except OSError as e:
+        sock.close()
+        raise SystemExit(f"tinygpt serve: cannot bind {cfg.host}:{cfg.port}: {e.strerror}") from None
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"tinygpt serve: {cfg.checkpoint} on http://{shown}:{port}/  (chat page at /, OpenAI API at /v1, "
