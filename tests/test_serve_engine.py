@@ -138,3 +138,22 @@ def test_queue_is_bounded_and_a_waiting_request_can_leave_it(model):
         run(engine, [1] * 30, 3)
     with pytest.raises(ValueError, match="n must be"):
         run(engine, [1], 3, n=2)
+
+
+def test_a_failing_prompt_ends_only_its_request(model, monkeypatch, caplog):
+    engine = Engine(model, max_batch=4).start()
+    try:
+        started = threading.Event()
+        long_c = Collector(1, on_token=lambda e: started.set())
+        engine.submit(Request(prompt=[1, 2], sampling=SamplingConfig(temperature=0.0, max_new_tokens=25), on_events=long_c))
+        assert started.wait(20)
+
+        def broken(logits, ids):
+            raise RuntimeError("boom")
+        bad = Collector(2)
+        engine.submit(Request(prompt=[3], sampling=SamplingConfig(max_new_tokens=5), on_events=bad, n=2,
+                              logits_processors=[broken]))
+        assert bad.done.wait(20) and bad.finish == ["error", "error"]
+        assert long_c.done.wait(20) and long_c.finish == ["length"] and len(long_c.tokens[0]) == 25
+    finally:
+        engine.stop()

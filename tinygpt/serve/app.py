@@ -53,6 +53,9 @@ log = logging.getLogger("tinygpt.serve")
 MAX_STOP = 4                 # OpenAI's limit on stop strings
 SEED_RANGE = 2 ** 63         # seeds are signed 64-bit integers, as in OpenAI's schema
 RETRY_AFTER_S = 1            # what a 429 tells the client to wait
+MIN_TEMPERATURE = 1e-4       # below it sampling is greedy (logits / 1e-300 would overflow to inf)
+MIN_TOP_P = 1e-6             # smaller top_p means the same (the top token alone), but 5e-324 is 0 in float32 and
+                             # generate.top_p_filter would then drop every token
 
 
 # --- errors ---
@@ -113,7 +116,7 @@ class StreamOptions(BaseModel):
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI fields this server does not use (user, metadata, ...)
     model: str = Field(description="the served model's id, as /v1/models lists it")
-    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
+    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy (and so is anything below 1e-4)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling threshold")
     n: int = Field(1, ge=1, description="choices to sample (at most the server's --max-batch)")
     stream: bool = False
@@ -452,7 +455,8 @@ def create_app(cfg: ServeConfig, *, load_in_background: bool = True) -> FastAPI:
             if body.presence_penalty or body.frequency_penalty:
                 processors = [penalties(body.presence_penalty, body.frequency_penalty, len(p))]
             seed = None if body.seed is None else body.seed + i * body.n
-            sampling = SamplingConfig(temperature=body.temperature, top_p=body.top_p,
+            sampling = SamplingConfig(temperature=body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0,
+                                      top_p=max(body.top_p, MIN_TOP_P),
                                       max_new_tokens=max_tokens if max_tokens is not None else block - len(p),
                                       seed=None if seed is None else seed % 2 ** 64)
             requests.append(Request(prompt=p, sampling=sampling, on_events=_tagged(deliver, i), n=body.n,
@@ -478,6 +482,17 @@ def create_app(cfg: ServeConfig, *, load_in_background: bool = True) -> FastAPI:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await run.whole(http)
 
+    def openapi() -> dict:  # the schema names the one model this server serves
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for name in ("ChatCompletionRequest", "CompletionRequest"):
+                schema["components"]["schemas"][name]["properties"]["model"]["enum"] = [state.model_id]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     app.add_middleware(Guard, state=state)
     return app
 

@@ -265,9 +265,17 @@ class Engine:
                         if not request.cancel_all:
                             free -= request.n
                         admitted.append(request)
-                try:
-                    for request in admitted:
+                for request in admitted:
+                    try:
                         self._join(request)
+                    except Exception as e:  # its prefill or first sample failed: end this request, not the batch
+                        log.exception("prefill failed for a %d-token prompt", len(request.prompt))
+                        for i in reversed(range(len(self._rows))):
+                            if self._rows[i].request is request:
+                                self._remove(i)
+                        _emit(request, [Event(c, finish="error", error=f"the model failed on this prompt "
+                                              f"({type(e).__name__})") for c in range(request.n)])
+                try:
                     self._drop_cancelled()
                     if self._rows:
                         self._step()
