@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tinygpt.generate import LogitsProcessor, SamplingConfig, sample_next
+from tinygpt.generate import LogitsProcessor, SamplingConfig, sample_next, top_k_filter
 from tinygpt.model import GPT
 
 log = logging.getLogger("tinygpt.serve")
@@ -80,6 +80,50 @@ class Request:
 
     def is_cancelled(self, choice: int) -> bool:
         return self.cancel_all or choice in self.cancelled
+
+
+def sample_rows(logits: Tensor, cfg: SamplingConfig, generators: Sequence[torch.Generator], attempts: int = 4) -> Tensor:
+    """Next tokens (B,) from logits (B, V): the distribution of ``generate.sample_next`` (temperature, top-k,
+    nucleus), drawn without sorting the vocabulary, each row from its own generator.
+
+    ``sample_next`` sorts every row for top-p and calls ``multinomial``: 2 ms at B=8 and 10 ms at B=32 for a
+    2048-token vocabulary on this project's CPU, as much as the forward pass. Here a row draws from the
+    whole distribution by the Gumbel-max trick (argmax of logits + Gumbel noise) and keeps the draw if it
+    lies in the nucleus (the probability of the strictly likelier tokens is below p), else draws again:
+    the kept draw follows the nucleus distribution renormalised, and a draw is kept with probability
+    >= p. Rows still unlucky after ``attempts`` draws fall back to ``sample_next``. (Exactly tied
+    probabilities at the nucleus edge are all kept here; ``sample_next`` keeps them in sort order.)
+    """
+    logits = logits.float()
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = top_k_filter(logits / cfg.temperature, cfg.top_k)  # (B, V)
+    B, V = logits.shape
+
+    def gumbel(rows: Sequence[int]) -> Tensor:
+        u = torch.stack([torch.rand(V, generator=generators[r], device=logits.device) for r in rows])  # (b, V)
+        return -torch.log(-torch.log(u.clamp_(min=1e-20, max=1.0 - 1e-7)))
+
+    pending = list(range(B))
+    tokens = (logits + gumbel(pending)).argmax(dim=-1)  # (B,) draws from the whole distribution
+    if cfg.top_p >= 1.0:
+        return tokens
+    probs = logits.softmax(dim=-1)  # (B, V)
+    for attempt in range(attempts):
+        rows = torch.tensor(pending, device=logits.device)
+        p_row = probs[rows]                                              # (b, V)
+        p_tok = p_row.gather(1, tokens[rows][:, None])                   # (b, 1)
+        mass_before = (p_row * (p_row > p_tok)).sum(dim=-1)              # (b,) mass of the likelier tokens
+        pending = [r for r, ok in zip(pending, (mass_before < cfg.top_p).tolist()) if not ok]
+        if not pending:
+            return tokens
+        if attempt < attempts - 1:
+            rows = torch.tensor(pending, device=logits.device)
+            tokens[rows] = (logits[rows] + gumbel(pending)).argmax(dim=-1)
+    rows = torch.tensor(pending, device=logits.device)
+    tokens[rows] = sample_next(logits[rows], SamplingConfig(temperature=1.0, top_p=cfg.top_p),
+                               [generators[r] for r in pending])
+    return tokens
 
 
 def _emit(request: Request, events: list[Event]) -> None:
@@ -303,7 +347,7 @@ class Engine:
             groups.setdefault((s.temperature, s.top_k, s.top_p), []).append(i)
         for idx in groups.values():
             cfg = rows[idx[0]].request.sampling
-            tokens = sample_next(logits[idx], cfg, [rows[i].generator for i in idx])  # (len(idx),)
+            tokens = sample_rows(logits[idx], cfg, [rows[i].generator for i in idx])  # (len(idx),)
             for i, tok in zip(idx, tokens.tolist()):
                 out[i] = tok
         return out
