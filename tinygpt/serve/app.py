@@ -525,42 +525,56 @@ class Run:
         return all(f is not None for f in self.finish)
 
     async def events(self, http: HTTPRequest) -> AsyncIterator[list[tuple[int, str, str | None]]]:
-        """Batches of (choice index, new text, finish reason or None) until every choice has finished."""
+        """Batches of (choice index, new text, finish reason or None) until every choice has finished.
+
+        Everything the engine delivered since the last batch is merged: one entry per choice, its text
+        pieces joined (a client that reads slower than the model gets fewer, longer deltas)."""
         while not self.done():
             try:
-                batch = await asyncio.wait_for(self.queue.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await http.is_disconnected():
-                    return
-                continue
-            out = []
-            for prompt_index, e in batch:
-                index = prompt_index * self.n + e.choice
-                if self.finish[index] is not None:
+                batches = [self.queue.get_nowait()]
+            except asyncio.QueueEmpty:
+                try:
+                    batches = [await asyncio.wait_for(self.queue.get(), timeout=1.0)]
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        return
                     continue
-                text = self.texts[index]
-                delta, finish = "", None
-                if e.token is not None:
-                    self.completion_tokens += 1
-                    if e.finish != "stop":  # a stop token is counted, never shown
-                        delta = text.add(e.token)
-                    if text.stopped:
-                        finish = "stop"
-                        self.state.engine.cancel(self.requests[prompt_index], e.choice)
-                if e.finish in ("stop", "length") and finish is None:
-                    finish = e.finish
-                    delta += text.finish()
-                elif e.finish == "error":
-                    self.error = e.error
-                    finish = "error"
-                elif e.finish == "cancelled" and finish is None:
-                    finish = "stop"  # only the server cancels a choice it still reads: a stop string matched
-                if finish is not None:
-                    self.finish[index] = finish
-                if delta or finish is not None:
-                    out.append((index, delta, finish))
-            if out:
-                yield out
+            while not self.queue.empty():
+                batches.append(self.queue.get_nowait())
+            merged: dict[int, list] = {}
+            for batch in batches:
+                for prompt_index, e in batch:
+                    self._apply(prompt_index, e, merged)
+            if merged:
+                yield [(index, text, finish) for index, (text, finish) in merged.items()]
+
+    def _apply(self, prompt_index: int, e: Event, merged: dict[int, list]) -> None:
+        index = prompt_index * self.n + e.choice
+        if self.finish[index] is not None:
+            return
+        text = self.texts[index]
+        delta, finish = "", None
+        if e.token is not None:
+            self.completion_tokens += 1
+            if e.finish != "stop":  # a stop token is counted, never shown
+                delta = text.add(e.token)
+            if text.stopped:
+                finish = "stop"
+                self.state.engine.cancel(self.requests[prompt_index], e.choice)
+        if e.finish in ("stop", "length") and finish is None:
+            finish = e.finish
+            delta += text.finish()
+        elif e.finish == "error":
+            self.error = e.error
+            finish = "error"
+        elif e.finish == "cancelled" and finish is None:
+            finish = "stop"  # only the server cancels a choice it still reads: a stop string matched
+        if finish is not None:
+            self.finish[index] = finish
+        if delta or finish is not None:
+            entry = merged.setdefault(index, ["", None])
+            entry[0] += delta
+            entry[1] = finish
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
