@@ -135,6 +135,7 @@ def test_a_conversation_streams_in_the_page(browser, server):
     assert [m.get_attribute("data-role") for m in browser.find_elements(By.CSS_SELECTOR, ".msg")] == \
         ["user", "assistant", "user", "assistant"]
     if os.environ.get("TINYGPT_SCREENSHOT"):
+        browser.find_element(By.ID, "settings-button").click()  # settings closed: the conversation in view
         browser.save_screenshot(os.environ["TINYGPT_SCREENSHOT"])
     by_testid(browser, "new-chat").click()
     assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
