@@ -36,6 +36,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/decode_throughput.py
 	$(BIN)/python benchmarks/world_throughput.py
+	$(BIN)/python benchmarks/serve_load.py
 
 # Debian's chromium + chromium-driver for tests/test_serve_page.py (needs root and apt; without them
 # that test skips and says why). Nothing here downloads a browser of its own.
