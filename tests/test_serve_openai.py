@@ -172,8 +172,8 @@ def test_a_full_queue_is_rate_limit_error_with_retry_after_then_recovers(client,
     engine = server.state.engine
     real_step = engine._step
 
-    def slow_step():  # 0.1 s a token: the batch and the queue stay full while we look
-        threading.Event().wait(0.1)
+    def slow_step():  # 0.3 s a token: the ~9-token answers keep the batch and the queue full for seconds
+        threading.Event().wait(0.3)
         real_step()
 
     engine._step = slow_step
@@ -185,11 +185,12 @@ def test_a_full_queue_is_rate_limit_error_with_retry_after_then_recovers(client,
         for _ in range(6):
             threads.append(threading.Thread(target=call))
             threads[-1].start()
-        for _ in range(500):
-            if engine.load()["waiting"] == 2 and engine.load()["active_rows"] == 4:
+        for _ in range(1000):
+            load = engine.load()
+            if load["waiting"] == 2 and load["active_rows"] == 4:
                 break
             threading.Event().wait(0.01)
-        assert engine.load() == {"active_rows": 4, "waiting": 2, "max_batch": 4, "max_queue": 2}
+        assert load == {"active_rows": 4, "waiting": 2, "max_batch": 4, "max_queue": 2}
         with pytest.raises(openai.RateLimitError) as e:
             client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3)
         assert e.value.response.headers["retry-after"] == "1" and e.value.code == "rate_limit_exceeded"

@@ -1,7 +1,9 @@
 """schemathesis against the live server's own OpenAPI schema (/openapi.json): generated requests, valid and
-invalid, to every operation. None may get a 5xx, every error is OpenAI's envelope, no traceback is sent."""
+invalid, to every operation. None may get a 5xx, every error is OpenAI's envelope, and no traceback is sent
+or logged."""
 
 import json
+import logging
 
 import pytest
 import schemathesis
@@ -20,6 +22,27 @@ def server(tmp_path_factory):
     srv.stop()
 
 
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def server_log():
+    """Everything our logger and uvicorn's log while the generated requests run."""
+    handler = Records()
+    loggers = [logging.getLogger(n) for n in ("tinygpt.serve", "uvicorn", "uvicorn.error", "uvicorn.access")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    yield handler
+    for lg in loggers:
+        lg.removeHandler(handler)
+
+
 @pytest.fixture(scope="module")
 def operations(server):
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
@@ -35,7 +58,7 @@ CASES = [(op, GenerationMode.POSITIVE) for op in OPERATIONS] + [(op, GenerationM
 
 
 @pytest.mark.parametrize(("label", "mode"), CASES, ids=[f"{op} {mode.value}" for op, mode in CASES])
-def test_no_request_gets_a_server_error(operations, server, label, mode):
+def test_no_request_gets_a_server_error(operations, server, server_log, label, mode):
     seen = []
 
     @given(case=operations[label].as_strategy(generation_mode=mode))
@@ -52,5 +75,7 @@ def test_no_request_gets_a_server_error(operations, server, label, mode):
 
     check()
     assert seen  # requests were really sent
+    tracebacks = [r.getMessage() for r in server_log.records if r.exc_info or "Traceback" in r.getMessage()]
+    assert not tracebacks, tracebacks[:3]
     if mode == GenerationMode.POSITIVE and label.startswith("POST"):
         assert seen.count(200) >= 5, seen  # valid requests really decode (not all refused)

@@ -59,7 +59,13 @@ class ServeConfig:
 def main(cfg: ServeConfig) -> dict:
     """Run the server until Ctrl-C / SIGTERM."""
     if not cfg.checkpoint:
-        raise ValueError("give a checkpoint: tinygpt serve runs/demo/ppo")
+        raise SystemExit("tinygpt serve: give a checkpoint, e.g. tinygpt serve runs/demo/ppo")
+    from tinygpt.checkpoint import CheckpointError, resolve_checkpoint
+
+    try:
+        resolve_checkpoint(cfg.checkpoint)  # a typo fails here, not as a server that answers 503 forever
+    except CheckpointError as e:
+        raise SystemExit(f"tinygpt serve: {e}") from None
     try:
         import uvicorn
 
