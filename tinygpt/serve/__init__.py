@@ -9,8 +9,8 @@ Point the ``openai`` client at ``http://127.0.0.1:8000/v1``.
 
 The package is three layers that know less and less:
   * this module: the config (``tinygpt serve --help``) and :func:`main`, which loads nothing itself;
-  * ``app.py``: HTTP (FastAPI): request schemas, the chat template (``render_chat``), text, stop strings,
-    server-sent events, errors, keys and limits;
+  * ``app.py``: HTTP (FastAPI): routes, the chat template (``render_chat``), server-sent events, keys and limits;
+  * ``protocol.py``: OpenAI's request schemas, the error envelope, the text of a choice and its stop strings;
   * ``engine.py``: the continuous-batching decode loop on token ids.
 
 FastAPI and uvicorn come with the ``serve`` extra (``pip install 'tinygpt[serve]'``); ``--help``

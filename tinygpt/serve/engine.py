@@ -155,7 +155,7 @@ class BatchCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (rows, n_kv_head, T, hd) at the write position; return all keys/values so far."""
-        T, end = k.size(2), self.length + k.size(2)
+        end = self.length + k.size(2)
         k_all, v_all = self.k[layer, :self.rows], self.v[layer, :self.rows]  # (rows, nkv, cache_len, hd)
         k_all[:, :, self.length:end] = k
         v_all[:, :, self.length:end] = v
