@@ -27,9 +27,11 @@ demo: $(VENV)/.installed
 	$(BIN)/tinygpt pipeline --config configs/demo.toml --out runs/demo
 
 test: $(VENV)/.installed-test
+	$(BIN)/ruff check tinygpt tests benchmarks
 	$(BIN)/python -m pytest -q
 
 test-fast: $(VENV)/.installed-test
+	$(BIN)/ruff check tinygpt tests benchmarks
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(VENV)/.installed-test

@@ -1,12 +1,13 @@
-"""The alignment losses (pairwise, DPO, KL, GAE, whitening, PPO, entropy) against values worked by hand."""
+"""The alignment losses (pairwise, DPO, KL, shaped reward, KL controller, GAE, whitening, PPO, explained
+variance, entropy) against values worked by hand."""
 
 import math
 
 import pytest
 import torch
 
-from tinygpt.losses import (dpo_loss, entropy_from_logits, gae, kl_penalty, masked_mean, pairwise_loss, ppo_losses,
-                            whiten)
+from tinygpt.losses import (adaptive_kl_coef, dpo_loss, entropy_from_logits, explained_variance, gae, kl_penalty,
+                            masked_mean, pairwise_loss, ppo_losses, shaped_rewards, whiten)
 
 
 def _nls(m: float) -> float:
@@ -130,7 +131,7 @@ def test_gae_ignores_prompt_and_padding_and_matches_a_loop():
     # the textbook loop: A_t = sum_l (gamma lam)^l delta_{t+l}, V after the end = 0
     vals = v[0].tolist() + [0.0]
     deltas = [r[0, t].item() + 0.95 * vals[t + 1] - vals[t] for t in range(4)]
-    expected = [sum((0.95 * 0.9) ** l * deltas[t + l] for l in range(4 - t)) for t in range(4)]
+    expected = [sum((0.95 * 0.9) ** k * deltas[t + k] for k in range(4 - t)) for t in range(4)]
     assert torch.allclose(adv[0], torch.tensor(expected), atol=1e-5)
 
 
@@ -249,3 +250,41 @@ def test_preference_accuracy_counts_ties_half():
 
     got = preference_accuracy(torch.tensor([2.0, 0.0, 5.0]), torch.tensor([1.0, 3.0, 5.0]))
     assert torch.equal(got, torch.tensor([1.0, 0.0, 0.5]))
+
+
+def test_shaped_rewards_hand_worked():
+    """r_t = -beta * KL_t on response tokens, plus the RM score on each answer's last token."""
+    scores = torch.tensor([1.0, -2.0])
+    kl = torch.tensor([[0.5, -0.25, 1.0], [2.0, 5.0, -3.0]])  # row 1's 5 and -3 are off the mask
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    got = shaped_rewards(scores, kl * mask, mask, kl_coef=0.1)
+    want = torch.tensor([[-0.05, 0.025, -0.1 + 1.0], [-0.2 - 2.0, 0.0, 0.0]])
+    assert torch.allclose(got, want)
+    # KL off the mask never leaks in, even if the caller forgot to mask it
+    assert torch.allclose(shaped_rewards(scores, kl, mask, 0.1), want)
+    with pytest.raises(ValueError, match="no response token"):
+        shaped_rewards(scores, kl, torch.tensor([[1.0, 0, 0], [0, 0, 0]]), 0.1)
+    with pytest.raises(ValueError, match="shaped_rewards"):
+        shaped_rewards(scores[:1], kl, mask, 0.1)
+
+
+def test_adaptive_kl_coef_hand_worked():
+    """beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon), target 6, horizon 100, n 10."""
+    assert adaptive_kl_coef(0.1, 12.0, 6.0, 10, 100) == pytest.approx(0.1 * 1.02)   # error 1 -> clipped 0.2
+    assert adaptive_kl_coef(0.1, 6.6, 6.0, 10, 100) == pytest.approx(0.1 * 1.01)    # error 0.1
+    assert adaptive_kl_coef(0.101, 0.0, 6.0, 10, 100) == pytest.approx(0.09898)     # error -1 -> clipped -0.2
+    assert adaptive_kl_coef(0.1, 6.0, 6.0, 10, 100) == 0.1                           # on target: unchanged
+    with pytest.raises(ValueError):
+        adaptive_kl_coef(0.1, 1.0, 0.0, 10, 100)
+
+
+def test_explained_variance_hand_worked():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 99.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    # values 2 everywhere: Var(returns - 2) = Var(returns) -> 0
+    assert explained_variance(torch.full_like(returns, 2.0), returns, mask) == pytest.approx(0.0)
+    # residuals (0.5, 0, -0.5): variance 1/6 against 2/3 -> 1 - 1/4
+    values = torch.tensor([[0.5, 2.0, 3.5, 0.0]])
+    assert explained_variance(values, returns, mask) == pytest.approx(0.75)
+    assert math.isnan(explained_variance(returns, torch.ones_like(returns), mask))

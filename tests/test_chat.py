@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinygpt.chat import ChatConfig, ChatSession, load_session, main
+from tinygpt.chat import ChatConfig, load_session, main
 from tinygpt.checkpoint import save_checkpoint
 from tinygpt.eval.tasks import complete
 from tinygpt.generate import SamplingConfig
@@ -140,3 +140,20 @@ def _train_memory_task(init: Path, tmp_path: Path) -> None:
     sft.main(SFTConfig(init=str(init), data=str(tmp_path / "train.jsonl"), out=str(tmp_path / "sft"), batch_size=16,
                        max_steps=1200, lr=5e-3, min_lr=5e-4, warmup_steps=20, eval_every=10**6, log_every=100,
                        save_every=10**6, device="cpu", dtype="float32", progress=False, seed=0))
+
+
+def test_model_text_cannot_drive_the_terminal_and_slashes_can_be_sent(ckpt, monkeypatch):
+    """A \\r in the model's text once erased the prompt line: control characters are shown escaped."""
+    from tinygpt import chat
+
+    assert chat.terminal_safe("a\rb\x1b[2Jc\n\td\x7f") == "a\\x0db\\x1b[2Jc\n\td\\x7f"
+    sent = []
+
+    def send(self, text):
+        sent.append(text)
+        yield from ["ok\r", "\x1b[31mred"]
+    monkeypatch.setattr(chat.ChatSession, "send", send)
+    text, result = run_terminal(ckpt, ["//etc is a folder", "/temp nan", "plain"])
+    assert sent == ["/etc is a folder", "plain"] and result["turns"] == 2
+    assert "ok\\x0d\\x1b[31mred" in text and "\r" not in text and "\x1b" not in text
+    assert "[/temp needs a number" in text  # NaN is not a temperature

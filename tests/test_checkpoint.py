@@ -109,3 +109,36 @@ def test_rng_state_round_trip_through_weights_only(tmp_path):
     random.seed(2), np.random.seed(2), torch.manual_seed(2)
     restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_kill_between_the_two_renames_of_a_resave_still_resumes(tmp_path, monkeypatch):
+    """Re-saving the step `latest` names swaps directories in two renames; a kill between them used to
+    leave `latest` naming nothing, with the complete checkpoint set aside in .step_N.old-PID."""
+    from pathlib import Path
+
+    save_training_checkpoint(tmp_path, 10, model=_model(1), model_config=CFG, tokenizer_json=None,
+                             meta={"step": 10}, trainer_state={"step": 10})
+    real_rename = Path.rename
+
+    def killed_after_first_rename(self, target):
+        if ".old-" in str(target):
+            real_rename(self, target)
+            raise KeyboardInterrupt  # the process dies here
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_training_checkpoint(tmp_path, 10, model=_model(2), model_config=CFG, tokenizer_json=None,
+                                 meta={"step": 10, "again": True}, trainer_state={"step": 10})
+    monkeypatch.setattr(Path, "rename", real_rename)
+    root = tmp_path / "checkpoints"
+    assert not (root / "step_00000010").exists() and list(root.glob(".step_00000010.old-*"))
+    ckpt = latest_checkpoint(tmp_path)  # restored from the set-aside copy
+    assert ckpt.name == "step_00000010" and load_trainer_state(tmp_path)["step"] == 10
+    model, _ = load_model(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), _model(1).state_dict().values()))
+    # the next save clears what the kill left: the new checkpoint's temp dir and any set-aside copy
+    assert list(root.glob(".step_00000010.tmp-*"))
+    save_training_checkpoint(tmp_path, 20, model=_model(3), model_config=CFG, tokenizer_json=None,
+                             meta={"step": 20}, trainer_state={"step": 20})
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000010", "step_00000020"]

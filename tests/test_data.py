@@ -337,15 +337,47 @@ def test_tokenizer_and_prepare_stages(tmp_path, capsys):
     write_jsonl(tmp_path / "in.jsonl", [{"text": d} for d in make_docs(120)] + [{"text": 3}])
     with pytest.raises(DataError, match="in.jsonl:121"):
         tokenizer_main(TokenizerConfig(inputs=[str(tmp_path)], out=str(tmp_path / "tok"), vocab_size=300,
-                                       show_progress=False))
+                                       progress=False))
     summary = tokenizer_main(TokenizerConfig(inputs=[str(tmp_path / "in.jsonl")], out=str(tmp_path / "tok"),
-                                             vocab_size=300, max_docs=50, skip_bad=True, show_progress=False))
+                                             vocab_size=300, max_docs=50, skip_bad=True, progress=False))
     assert summary["documents"] == 50 and summary["skipped"] == 0 and summary["chars_per_token"] > 1.5
     assert "chars/token" in capsys.readouterr().out
     stats = prepare_main(PrepareConfig(inputs=[str(tmp_path / "in.jsonl")], tokenizer=str(tmp_path / "tok"),
-                                       out=str(tmp_path / "data"), skip_bad=True, show_progress=False))
+                                       out=str(tmp_path / "data"), skip_bad=True, progress=False))
     assert stats["skipped"] == 1 and stats["train_docs"] + stats["val_docs"] == 120
     assert (tmp_path / "data" / "prepare_config.json").is_file()
     assert TokenDataset(tmp_path / "data").meta["tokenizer_sha256"] == Tokenizer.load(tmp_path / "tok").fingerprint
     with pytest.raises(ValueError, match="inputs"):
         prepare_main(PrepareConfig(inputs=[], out=str(tmp_path / "x")))
+
+
+def test_every_record_reader_takes_jsonl_parquet_and_datasets_dirs(tmp_path):
+    """Chats (SFT), preferences (reward, DPO), prompts (rank, PPO) and task records read one way."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tinygpt.data.conversations import iter_conversations
+    from tinygpt.data.prompts import read_prompts
+    from tinygpt.data.sources import iter_records
+
+    chats = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+             for i in range(3)]
+    prompts = [{"prompt": f"p{i}", "meta": json.dumps({"family": "arithmetic", "gold": str(i)})} for i in range(3)]
+    for name, rows in (("chats", chats), ("prompts", prompts)):
+        write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{name}.parquet")
+        datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / f"{name}_ds"))
+    want = [m for _, m in iter_conversations(tmp_path / "chats.jsonl")]
+    for source in ("chats.parquet", "chats_ds"):
+        assert [m for _, m in iter_conversations(tmp_path / source)] == want
+        assert [w for w, _ in iter_records(tmp_path / source)][1].endswith(": row 1")
+        got = [p.meta for p in read_prompts(str(tmp_path / source.replace("chats", "prompts")), require_meta=True)]
+        assert got == [{"family": "arithmetic", "gold": str(i)} for i in range(3)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(chats)}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match="DatasetDict; pass one split"):
+        list(iter_records(tmp_path / "dd"))
+    (tmp_path / "deep.jsonl").write_text("[" * 5000 + "]" * 5000 + "\n" + json.dumps(chats[0]) + "\n")
+    with pytest.raises(DataError, match="deep.jsonl:1: invalid JSON"):
+        list(iter_records(tmp_path / "deep.jsonl"))
+    assert len(list(iter_records(tmp_path / "deep.jsonl", skip_bad=True))) == 1

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from tinygpt.checkpoint import resolve_checkpoint, save_checkpoint
 from tinygpt.data.preferences import PreferenceDataset
-from tinygpt.metrics import read_metrics
+from tinygpt.runlog import read_metrics
 from tinygpt.model import GPT, ModelConfig
 from tinygpt.stages import dpo
 from tinygpt.stages.dpo import DPOConfig, response_logprobs

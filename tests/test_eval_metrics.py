@@ -7,7 +7,7 @@ from fractions import Fraction
 import pytest
 
 from tinygpt.data.shards import TokenDataset, prepare_shards
-from tinygpt.eval.metrics import bleu, mean_pass_at_k, pass_at_k, perplexity, win_rate
+from tinygpt.eval.metrics import bleu, mean_pass_at_k, pass_at_k, perplexity, wilson_interval, win_rate
 from tinygpt.model import GPT, ModelConfig
 from tinygpt.tokenizer import Tokenizer
 
@@ -57,6 +57,20 @@ def test_bleu_hand_worked():
     assert bleu(["a b c d"], ["a b c e"]) == pytest.approx(100 * 0.125 ** 0.25, abs=1e-6)
     with pytest.raises(ValueError, match="2 hypotheses but 1"):
         bleu(["a", "b"], ["a"])
+
+
+def test_win_rate_intervals_hand_worked():
+    """3 wins, 1 tie, 0 losses: rate 3.5/4 = 0.875; scores 1,1,1,0.5 have sample variance
+    (3 * 0.125^2 + 0.375^2) / 3 = 0.0625, so the half-width is 1.96 * sqrt(0.0625 / 4) = 0.245."""
+    r = win_rate([2, 2, 2, 1], [1, 1, 1, 1])
+    assert r["win_rate"] == 0.875
+    assert r["ci95"] == pytest.approx([0.875 - 0.244996, 1.0], abs=1e-5)  # clipped at 1
+    assert r["decided_win_rate"] == 1.0
+    # Wilson for 3 of 3: centre (1 + 1.92/3) / (1 + 3.84/3), half 1.96 * sqrt(3.84 / 36) / (1 + 3.84/3)
+    z2 = 1.959963984540054 ** 2
+    centre, half = (1 + z2 / 6) / (1 + z2 / 3), 1.959963984540054 * math.sqrt(z2 / 36) / (1 + z2 / 3)
+    assert r["decided_ci95"] == pytest.approx([centre - half, 1.0])
+    assert wilson_interval(5, 10) == pytest.approx([0.236593, 0.763407], abs=1e-6)  # the textbook value
 
 
 def test_win_rate_counts_ties_half():

@@ -73,7 +73,10 @@ def test_evaluate_writes_one_row_per_checkpoint(setup):
         answers = (out / "answers" / f"{name}.jsonl").read_text().splitlines()
         assert len(answers) == 3 * len(FAMILIES)
     # win rates compare 2 answers sampled per item; the baseline against itself (same seed): every one a tie
-    assert results["chat"]["win_rate"]["labeler"] == {"win_rate": 0.5, "wins": 0, "ties": 18, "losses": 0, "n": 18}
+    labeler = results["chat"]["win_rate"]["labeler"]
+    assert {k: labeler[k] for k in ("win_rate", "wins", "ties", "losses", "n")} == {
+        "win_rate": 0.5, "wins": 0, "ties": 18, "losses": 0, "n": 18}
+    assert labeler["ci95"] == [0.5, 0.5] and labeler["decided_win_rate"] is None  # all ties: nothing decided
     assert results["base"]["win_rate"]["labeler"]["n"] == 18
     for name, r in results.items():
         s = r["sampled_answers"]
@@ -83,7 +86,9 @@ def test_evaluate_writes_one_row_per_checkpoint(setup):
     # the baseline may be named by its --checkpoints NAME instead of its path
     greedy = evaluate.main(_cfg(root, world, ckpts, out=str(root / "greedy"), win_temperature=0.0, n_stories=0,
                                 pass_n=0, contamination=False, baseline="chat"))["checkpoints"]
-    assert greedy["chat"]["win_rate"]["labeler"] == {"win_rate": 0.5, "wins": 0, "ties": 9, "losses": 0, "n": 9}
+    labeler = greedy["chat"]["win_rate"]["labeler"]
+    assert {k: labeler[k] for k in ("win_rate", "wins", "ties", "losses", "n")} == {
+        "win_rate": 0.5, "wins": 0, "ties": 9, "losses": 0, "n": 9}
     assert "sampled_answers" not in greedy["chat"]
     assert set(saved["contamination"]["sets"]) == {f"tasks/{f}_test" for f in FAMILIES} | {"sft_test"}
     table = (out / "eval.md").read_text()
@@ -178,3 +183,50 @@ def test_spread_limit_takes_every_family_in_turn():
     assert spread_limit(records, 0) == records and spread_limit(records, 99) == records
     assert len(spread_limit(records[:6], 6)) == 6  # a short family runs out; the others fill in
     assert [r["family"] for r in spread_limit(records[:6] + records[10:], 8)] == ["a", "b", "c", "a", "c", "a", "c", "a"]
+
+
+def test_every_checkpoint_answers_the_same_prompts_and_the_base_model_draws_attention(setup, tmp_path, monkeypatch):
+    """What the report shows beside the scores comes from evaluate: it loads no model itself."""
+    from tinygpt.eval import answerer
+
+    budgets = []
+    for fn in ("answer", "continue_text"):
+        real = getattr(answerer, fn)
+        monkeypatch.setattr(answerer, fn, lambda m, t, p, n, _real=real, **kw: budgets.append(n) or _real(m, t, p, n, **kw))
+    root, world, ckpts, tok = setup
+    prompts = ["What is 3 plus 4?", "Write a short story about a cat named Tom."]
+    summary = evaluate.main(_cfg(root, world, ckpts, out=str(tmp_path / "out"), prompts=prompts, pass_n=0,
+                                 n_stories=0, baseline="", data="", contamination=False, long_max_new_tokens=12))
+    results = summary["checkpoints"]
+    assert results["base"]["same_prompts"]["how"] == "base: plain-text continuation"
+    assert results["chat"]["same_prompts"]["how"] == "chat template"
+    for r in results.values():
+        assert r["same_prompts"]["prompts"] == prompts and len(r["same_prompts"]["answers"]) == 2
+    # a free-form prompt has no family: the long budget (12 here); task answers got their family's
+    assert sorted(budgets) == [6, 6, 6, 12, 12]  # the chat model's 3 task families; the free prompts, both models
+    attention = summary["attention"]
+    assert attention["checkpoint"] == str(ckpts["base"]) and attention["tokens"] == 40
+    assert (tmp_path / "out" / attention["figure"]).is_file()
+    assert {p["rule"] for p in attention["picks"]} <= {"previous_token", "repeated_token", "most_focused"}
+    off = evaluate.main(_cfg(root, world, ckpts, out=str(tmp_path / "off"), pass_n=0, n_stories=0, baseline="",
+                             data="", contamination=False, attention=False))
+    assert off["attention"] is None and "same_prompts" not in off["checkpoints"]["chat"]
+
+
+
+def test_best_of_n_rows_for_the_baseline(setup, tmp_path):
+    """Best-of-1 is the baseline's own first sample; picking by the noiseless labeler can only raise utility."""
+    root, world, ckpts, tok = setup
+    summary = evaluate.main(_cfg(root, world, ckpts, out=str(tmp_path / "out"), checkpoints=[f"chat={ckpts['chat']}"],
+                                 baseline="chat", best_of=[1, 4], pass_n=0, n_stories=0, data="", contamination=False,
+                                 attention=False))
+    bon = summary["best_of_n"]
+    assert bon["name"] == "chat" and bon["samples"] == 4
+    rows = {(r["n"], r["picked_by"]): r for r in bon["rows"]}
+    assert set(rows) == {(1, "labeler"), (4, "labeler")}  # no --reward: the labeler alone
+    assert rows[(1, "labeler")]["kl_bound"] == 0.0 and rows[(4, "labeler")]["kl_bound"] > 0.6
+    assert rows[(4, "labeler")]["utility"] >= rows[(1, "labeler")]["utility"]
+    for r in rows.values():
+        assert 0.0 <= r["win_rate"]["labeler"]["win_rate"] <= 1.0 and r["win_rate"]["labeler"]["n"] == 18
+    with pytest.raises(ValueError, match="--best-of"):
+        evaluate.main(_cfg(root, world, ckpts, out=str(tmp_path / "bad"), best_of=[4], baseline=""))

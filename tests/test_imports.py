@@ -1,4 +1,4 @@
-"""Imports point one way: world/tokenizer -> data -> model -> losses/optim -> checkpoint -> generate -> eval ->
+"""Imports point one way: world/tokenizer -> data -> model -> losses/optim -> checkpoint -> generate/training -> eval ->
 stages -> pipeline/chat/cli. A lower layer never imports a higher one, and a stage never imports another stage."""
 
 import ast
@@ -9,15 +9,16 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "tinygpt"
 
 LAYERS = [  # (layer, module prefixes); a module may import only from its own layer or below
-    (0, ["tinygpt", "tinygpt.config", "tinygpt.runtime", "tinygpt.metrics", "tinygpt.world", "tinygpt.tokenizer"]),
+    (0, ["tinygpt", "tinygpt.config", "tinygpt.runtime", "tinygpt.runlog", "tinygpt.world", "tinygpt.tokenizer"]),
     (1, ["tinygpt.data"]),
     (2, ["tinygpt.model"]),
     (3, ["tinygpt.losses", "tinygpt.optim"]),
     (4, ["tinygpt.checkpoint", "tinygpt.lora"]),
-    (5, ["tinygpt.generate", "tinygpt.rewards"]),
+    (5, ["tinygpt.generate", "tinygpt.reward_model", "tinygpt.training", "tinygpt.rollout", "tinygpt.watermark"]),
     (6, ["tinygpt.eval"]),
     (7, ["tinygpt.stages"]),
-    (8, ["tinygpt.pipeline", "tinygpt.chat", "tinygpt.serve", "tinygpt.export", "tinygpt.cli", "tinygpt.__main__"]),
+    (8, ["tinygpt.pipeline", "tinygpt.scaling", "tinygpt.chat", "tinygpt.serve", "tinygpt.export", "tinygpt.cli",
+         "tinygpt.__main__"]),
 ]
 
 

@@ -119,7 +119,8 @@ def test_gives_up_after_retries_and_fails_fast_on_client_errors(server_factory, 
 
 
 def test_grade_stories_counts_unreadable_replies(server_factory):
-    server = server_factory([(200, GOOD), (200, "I cannot grade this."), (200, "Grammar: 6 Creativity: 4 Consistency: 7 Plot: 5")])
+    server = server_factory([(200, GOOD), (200, "I cannot grade this."),
+                             (200, "Grammar: 6 Creativity: 4 Consistency: 7 Plot: 5")])
     result = StoryJudge(server.url, "m").grade_stories(["one", "two", "three"])
     assert result["n"] == 3 and result["unparsed"] == 1 and result["scores"][1] is None
     assert result["means"] == {"grammar": 7.0, "creativity": 5.0, "consistency": 8.0, "plot": 6.0}

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from tinygpt import lora, runtime
 from tinygpt.checkpoint import load_model, resolve_checkpoint, save_checkpoint
-from tinygpt.metrics import read_metrics
+from tinygpt.runlog import read_metrics
 from tinygpt.model import GPT, ModelConfig
 from tinygpt.stages import sft
 from tinygpt.stages.sft import SFTConfig

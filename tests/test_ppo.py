@@ -12,13 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tinygpt import rewards
+from tinygpt import reward_model as rm
 from tinygpt.checkpoint import load_model, load_trainer_state, resolve_checkpoint, save_checkpoint
 from tinygpt.data.shards import prepare_shards
-from tinygpt.metrics import read_metrics
+from tinygpt.runlog import read_metrics
 from tinygpt.model import GPT, ModelConfig
 from tinygpt.stages import ppo
-from tinygpt.stages.ppo import AdaptiveKLController, PPOConfig, load_prompts
+from tinygpt.data.sampling import epoch_indices
+from tinygpt.losses import AdaptiveKLController
+from tinygpt.rollout import minibatches
+from tinygpt.stages.ppo import PPOConfig
 from tinygpt.tokenizer import Tokenizer
 
 PROMPTS = ["hi", "hello", "hey there", "good day", "tell me a tale", "what is two and two?", "be kind", "sing"]
@@ -97,14 +100,14 @@ def test_every_policy_parameter_changes_after_one_step(world, tmp_path):
 def test_first_step_is_on_policy_and_rm_scores_have_the_shift_removed(world, tmp_path, monkeypatch):
     """Before the first update the policy is the reference (KL 0) and the old log-probs are its own."""
     seen = []
-    real_score = rewards.score
+    real_score = rm.score
 
     def spy(model, sequences, device=None, shift=0.0, batch_size=32):
         out = real_score(model, sequences, device, shift=shift, batch_size=batch_size)
         seen.append((shift, out + shift, real_score(model, sequences, device)))
         return out
 
-    monkeypatch.setattr(rewards, "score", spy)
+    monkeypatch.setattr(rm, "score", spy)
     ppo.main(_cfg(world, tmp_path / "run", max_steps=1, ppo_epochs=1, minibatch_size=8))
     rec = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r][-1]
     assert rec["kl"] == pytest.approx(0.0, abs=1e-6)
@@ -129,7 +132,7 @@ def test_policy_learns_a_toy_reward_while_kl_stays_finite(world, tmp_path, monke
         with torch.no_grad():
             return float(model(torch.tensor([ids]))[0, -1].softmax(-1)[x_id])
 
-    monkeypatch.setattr(rewards, "score", count_x)
+    monkeypatch.setattr(rm, "score", count_x)
     cfg = _cfg(world, tmp_path / "run", max_steps=30, rollout_batch=16, minibatch_size=8, ppo_epochs=2, lr=3e-3,
                kl_coef=0.01, sample_every=0, oracle=False)
     ppo.main(cfg)
@@ -311,9 +314,9 @@ def test_adaptive_kl_controller_hand_worked():
 
 
 def test_prompt_order_visits_every_prompt_once_per_pass():
-    seen = [i for step in range(3) for i in ppo._prompt_indices(step, 4, 12, seed=1)]
+    seen = [i for step in range(3) for i in epoch_indices(12, step, 4, seed=1)]
     assert sorted(seen) == list(range(12))
-    assert ppo._prompt_indices(5, 4, 12, seed=1) == ppo._prompt_indices(5, 4, 12, seed=1)
+    assert epoch_indices(12, 5, 4, seed=1) == epoch_indices(12, 5, 4, seed=1)
 
 
 def test_minibatches_cover_every_row_once_and_group_by_length():
@@ -321,28 +324,12 @@ def test_minibatches_cover_every_row_once_and_group_by_length():
 
     lengths = np.array([3, 40, 2, 3, 38, 5, 1, 3, 2, 4])
     for by_length in (False, True):
-        batches = ppo._minibatches(lengths, 4, np.random.default_rng(0), by_length)
+        batches = minibatches(lengths, 4, np.random.default_rng(0), by_length)
         assert sorted(np.concatenate(batches).tolist()) == list(range(10))
         assert [len(b) for b in sorted(batches, key=len, reverse=True)] == [4, 4, 2]
-    grouped = ppo._minibatches(lengths, 4, np.random.default_rng(0), True)
+    grouped = minibatches(lengths, 4, np.random.default_rng(0), True)
     widest = [b for b in grouped if 1 in b][0]
     assert 4 in widest and sorted(lengths[widest].tolist()) == [4, 5, 38, 40]  # the two long answers together
-    orders = {tuple(tuple(b) for b in ppo._minibatches(lengths, 4, np.random.default_rng(seed), True))
+    orders = {tuple(tuple(b) for b in minibatches(lengths, 4, np.random.default_rng(seed), True))
               for seed in range(20)}
     assert len(orders) > 1  # the order of the minibatches (and ties) stays random
-
-
-def test_load_prompts_accepts_strings_and_names_bad_lines(tmp_path):
-    good = tmp_path / "p.jsonl"
-    good.write_text(json.dumps({"prompt": "hello"}) + "\n\n" + json.dumps({"prompt": [{"role": "user", "content": "x"}]}) + "\n")
-    records = load_prompts(good)
-    assert records[0]["prompt"] == [{"role": "user", "content": "hello"}] and len(records) == 2
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": [{"role": "bot", "content": "x"}]}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'prompt'"):
-        load_prompts(bad)
-    ends_with_answer = tmp_path / "a.jsonl"
-    ends_with_answer.write_text(json.dumps({"prompt": [{"role": "user", "content": "q"},
-                                                       {"role": "assistant", "content": "a"}]}) + "\n")
-    with pytest.raises(ValueError, match="a.jsonl:1"):
-        load_prompts(ends_with_answer)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from tinygpt.checkpoint import CheckpointError, resolve_checkpoint
 from tinygpt.data.shards import prepare_shards
-from tinygpt.metrics import read_metrics
+from tinygpt.runlog import read_metrics
 from tinygpt.stages import pretrain
 from tinygpt.stages.pretrain import PretrainConfig, TrainingDiverged
 from tinygpt.tokenizer import Tokenizer
@@ -94,7 +94,8 @@ def test_nan_loss_stops_without_writing_a_checkpoint(data_dir, tmp_path, monkeyp
 def test_ddp_two_ranks_equal_one_process(data_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["--data", str(data_dir), "--model-size", "0.5m", "--block-size", "32", "--n-layer", "2", "--d-model", "32",
-              "--n-head", "2", "--max-steps", "5", "--warmup-steps", "2", "--eval-every", "100", "--log-every", "1",
+              "--n-head", "2", "--max-steps", "5", "--warmup-steps", "2", "--eval-every", "100", "--eval-batches", "2",
+              "--log-every", "1",
               "--device", "cpu", "--dtype", "float32", "--progress", "false", "--seed", "3"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
            "-m", "tinygpt.cli", "pretrain", "--out", str(tmp_path / "ddp"), "--batch-size", "2", *common]
@@ -105,6 +106,10 @@ def test_ddp_two_ranks_equal_one_process(data_dir, tmp_path):
     assert [s for s, _ in ddp] == [s for s, _ in single] == [1, 2, 3, 4, 5]
     for (_, a), (_, b) in zip(ddp, single):
         assert abs(a - b) < 1e-5
+    # and they measure the same validation loss (each rank scores its rows of the global batch)
+    val_ddp, val_single = ([r["val_loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "val_loss" in r]
+                           for run in ("ddp", "single"))
+    assert len(val_ddp) == len(val_single) == 1 and abs(val_ddp[0] - val_single[0]) < 1e-5
     wa, wb = _weights(tmp_path / "ddp"), _weights(tmp_path / "single")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)

@@ -7,8 +7,9 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-from tinygpt.checkpoint import save_checkpoint
-from tinygpt.eval import report
+from tinygpt.checkpoint import load_model, save_checkpoint
+from tinygpt.eval.answerer import Answerer
+from tinygpt.eval.attention import attention_summary
 from tinygpt.eval.report import build_report, read_table, score_rows
 from tinygpt.model import GPT, ModelConfig
 from tinygpt.tokenizer import Tokenizer
@@ -80,12 +81,33 @@ def _table(md: str, first_header: str = "model") -> list[list[str]]:
     return rows
 
 
+def evaluated(run_dir, ckpts, prompts, eval_dir, attention_text=None, answers=None):
+    """fake_eval plus what `tinygpt evaluate --prompts --attention` adds: each checkpoint's answers to
+    ``prompts`` (``answers`` instead of the model's, if given) and the base model's attention maps."""
+    result = fake_eval(run_dir)
+    tok = Tokenizer.load(ckpts["base"])
+    for name, ckpt in ckpts.items():
+        model, _ = load_model(ckpt)
+        kind = "base" if name == "base" else "chat"
+        free = Answerer(model, tok, kind, max_new_tokens=8, long_max_new_tokens=8).free(prompts)
+        if answers is not None:
+            free["answers"] = [answers for _ in prompts]
+        result["checkpoints"].setdefault(name, {})["same_prompts"] = free
+    base, _ = load_model(ckpts["base"])
+    text = attention_text if attention_text is not None else generate_story(random.Random(0), rude_share=0.0).text
+    result["attention"] = {"checkpoint": ckpts["base"],
+                           **attention_summary(base, tok, text, 40, eval_dir / "figures" / "attention.png")}
+    result["attention"]["figure"] = "figures/attention.png"
+    return result
+
+
 @pytest.fixture(scope="module")
 def built(run, tmp_path_factory):
     run_dir, ckpts = run
     stages = {s: str(run_dir / s) for s in STAGES}
-    out = build_report(run_dir, stages=stages, eval_result=fake_eval(run_dir), checkpoints=ckpts,
-                       prompts=["What is two plus three?", "Write a short story."], max_new_tokens=8)
+    eval_dir = run_dir / "eval"
+    result = evaluated(run_dir, ckpts, ["What is two plus three?", "Write a short story."], eval_dir)
+    out = build_report(run_dir, stages=stages, eval_result=result, eval_dir=eval_dir)
     return out, out["md"].read_text(), out["html"].read_text()
 
 
@@ -93,7 +115,7 @@ def test_scores_table_has_one_row_per_stage_in_pipeline_order(built):
     out, md, _ = built
     rows = _table(md)
     assert [r[0] for r in rows] == ["base", "SFT", "PPO", "PPO-ptx"]
-    header = md.splitlines()[[i for i, l in enumerate(md.splitlines()) if l.startswith("| model |")][0]]
+    header = md.splitlines()[[i for i, line in enumerate(md.splitlines()) if line.startswith("| model |")][0]]
     assert "win vs SFT (labeler)" in header and "KL to SFT (nats)" in header
     by = {r[0]: r for r in rows}
     assert by["SFT"][1] == "0.300" and by["PPO"][2] == "0.700" and by["PPO"][3] == "0.800"
@@ -180,13 +202,14 @@ def test_html_is_self_contained(built):
     assert "@import" not in page and "url(" not in page
 
 
-def test_model_text_is_escaped(run, tmp_path, monkeypatch):
+def test_model_text_is_escaped(run, tmp_path):
     run_dir, ckpts = run
     evil = '<script>alert("x")</script> & <img src=http://example.com/a.png>'
-    monkeypatch.setattr(report, "answer", lambda model, tok, prompts, max_new: [evil for _ in prompts])
-    monkeypatch.setattr(report, "continue_text", lambda model, tok, prompts, max_new: [evil for _ in prompts])
-    out = build_report(run_dir, stages={}, eval_result=None, checkpoints=ckpts, prompts=[evil], out_dir=tmp_path,
-                       attention_text="Sam met Sam. <script>")
+    result = evaluated(run_dir, ckpts, [evil], tmp_path / "eval", attention_text="Sam met Sam. <script>", answers=evil)
+    result["checkpoints"] = {name: {"same_prompts": r["same_prompts"]} for name, r in result["checkpoints"].items()
+                             if "same_prompts" in r}  # no scores: only the model's text and the attention maps
+    result.pop("contamination")
+    out = build_report(run_dir, stages={}, eval_result=result, eval_dir=tmp_path / "eval", out_dir=tmp_path)
     page, md = out["html"].read_text(), out["md"].read_text()
     for text in (page, md):
         assert "<script" not in text and "example.com/a.png>" not in text
@@ -197,13 +220,52 @@ def test_model_text_is_escaped(run, tmp_path, monkeypatch):
 
 
 def test_missing_parts_become_notes(tmp_path):
-    out = build_report(tmp_path / "empty", stages={"pretrain": str(tmp_path / "nowhere")}, eval_result={},
-                       checkpoints={"ghost": str(tmp_path / "no_ckpt")}, prompts=["hello"])
+    out = build_report(tmp_path / "empty", stages={"pretrain": str(tmp_path / "nowhere")}, eval_result={})
     md = out["md"].read_text()
     assert out["md"].parent == tmp_path / "empty" / "report"
     assert "No evaluation results were given" in md
     assert "base: no metrics.jsonl in" in md
-    assert "ghost: could not be loaded" in md
-    assert "No base (pretraining) checkpoint was found" in md
+    assert "No prompts were answered in this evaluation" in md
+    assert "No base (pretraining) checkpoint was evaluated" in md
     assert "Contamination" in md and "Not measured" in md
     assert out["html"].read_text().startswith("<!DOCTYPE html>")
+
+
+def test_report_command_redraws_from_eval_json(run, tmp_path):
+    from tinygpt.stages.report import ReportConfig, main
+
+    run_dir, ckpts = run
+    eval_dir = tmp_path / "eval"
+    (eval_dir).mkdir()
+    (eval_dir / "eval.json").write_text(json.dumps(evaluated(run_dir, ckpts, ["hi"], eval_dir)))
+    paths = main(ReportConfig(run_dir=str(run_dir), eval_dir=str(eval_dir), out=str(tmp_path / "r")))
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert paths["md"] == str(tmp_path / "r" / "report.md") and "### Prompt 1" in md
+    assert "| SFT |" in md  # the scores table, from eval.json
+    assert (tmp_path / "r" / "figures" / "attention.png").is_file()
+    with pytest.raises(FileNotFoundError, match="eval.json not found"):
+        main(ReportConfig(run_dir=str(tmp_path / "r")))
+
+
+def test_kl_to_sft_is_never_negative_when_ppo_logged_k3(tmp_path):
+    """k1's sample mean can fall below 0 when the policy barely moved; the table shows k3, which cannot."""
+    _write_metrics(tmp_path / "ppo_ptx", [{"step": 2, "reward": 0.3, "kl": -0.001, "kl_k3": 0.0004}])
+    _write_metrics(tmp_path / "ppo", [{"step": 2, "reward": 0.3, "kl": 0.2}])  # an older run: k1 only
+    result = fake_eval(tmp_path)
+    rows = {r.name: r for r in score_rows(result, {"ppo": str(tmp_path / "ppo"), "ppo_ptx": str(tmp_path / "ppo_ptx")})}
+    assert rows["ppo_ptx"].scores["kl"] == 0.0004 and rows["ppo"].scores["kl"] == 0.2
+
+
+def test_win_intervals_and_best_of_n_tables(tmp_path):
+    result = fake_eval(tmp_path)
+    result["checkpoints"]["ppo"]["win_rate"]["labeler"] = {"win_rate": 0.7, "wins": 6, "losses": 2, "ties": 2, "n": 10,
+                                                           "ci95": [0.45, 0.95], "decided_win_rate": 0.75,
+                                                           "decided_ci95": [0.41, 0.93]}
+    result["best_of_n"] = {"temperature": 0.7, "samples": 4, "rows": [
+        {"n": 4, "picked_by": "reward model", "kl_bound": 0.636, "accuracy": 0.4, "utility": 0.61, "answer_rudeness": 0.0,
+         "win_rate": {"labeler": {"win_rate": 0.58, "ci95": [0.5, 0.66]}, "reward_model": {"win_rate": 0.8}}}]}
+    md = build_report(tmp_path, stages={}, eval_result=result)["md"].read_text()
+    wins = _table(md[md.index("with 95% intervals"):])
+    assert ["PPO", "labeler", "0.700", "[0.450, 0.950]", "0.750", "[0.410, 0.930]", "6 / 2 / 2"] in wins
+    assert _table(md[md.index("## Best-of-n"):], "n") == [
+        ["4", "reward model", "0.636", "0.580", "[0.500, 0.660]", "0.800", "0.610", "0.400", "0.000"]]

@@ -1,4 +1,4 @@
-"""The reward model: scoring (rewards.py) and the `tinygpt reward` stage on a tiny model and toy preferences."""
+"""The reward model: scoring (reward_model.py) and the `tinygpt reward` stage on a tiny model and toy preferences."""
 
 import json
 from pathlib import Path
@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from tinygpt.checkpoint import CheckpointError, load_meta, resolve_checkpoint, save_checkpoint
-from tinygpt.metrics import read_metrics
+from tinygpt.runlog import read_metrics
 from tinygpt.model import GPT, ModelConfig
-from tinygpt.rewards import load_reward_model, render_prompt_response, score
+from tinygpt.reward_model import load_reward_model, render_prompt_response, score
 from tinygpt.stages import reward
 from tinygpt.stages.reward import RewardConfig, TrainingDiverged
 from tinygpt.tokenizer import Tokenizer
@@ -62,6 +62,10 @@ def test_reward_model_learns_toy_preferences_and_is_shifted(world, tmp_path):
     assert result["noise_ceiling"] == pytest.approx(17 / 18)
     assert result["val_accuracy"] > 0.8  # chance is 0.5
     assert result["val_accuracy_vs_oracle"] > 0.8
+    low, high = result["val_accuracy_vs_oracle_ci95"]  # the headline's 95% interval, and per family
+    assert low <= result["val_accuracy_vs_oracle"] <= high and high - low > 0
+    per_family = result["val_accuracy_vs_oracle_per_family"]
+    assert sum(f["pairs"] for f in per_family.values()) == result["val_oracle_pairs"]
     assert result["val_accuracy_share_of_ceiling"] == pytest.approx(result["val_accuracy"] / (17 / 18))
     # every weight tensor moved, and the scalar head is saved
     init = load_file(str(world["root"] / "sft" / "model.safetensors"))

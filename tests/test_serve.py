@@ -248,4 +248,4 @@ def test_cli_refuses_a_missing_checkpoint_before_serving(tmp_path):
     for args in (["serve"], ["serve", str(tmp_path / "nope")]):
         out = subprocess.run([sys.executable, "-m", "tinygpt.cli", *args], capture_output=True, text=True, timeout=60)
         assert out.returncode != 0 and "Traceback" not in out.stderr
-        assert "give a checkpoint" in out.stderr or "checkpoint not found" in out.stderr
+        assert "CHECKPOINT is required" in out.stderr or "checkpoint not found" in out.stderr

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from tinygpt.checkpoint import CheckpointError, resolve_checkpoint, save_checkpoint
-from tinygpt.data.chat import ChatDataset, collate, fit_conversation, iter_conversations
+from tinygpt.data.conversations import ChatDataset, collate, fit_conversation, iter_conversations
 from tinygpt.data.sources import DataError
 from tinygpt.eval import tasks as eval_tasks
-from tinygpt.metrics import read_metrics
+from tinygpt.runlog import read_metrics
 from tinygpt.model import GPT, ModelConfig
 from tinygpt.stages import sft
 from tinygpt.stages.sft import SFTConfig, TrainingDiverged

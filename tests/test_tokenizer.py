@@ -139,7 +139,8 @@ def test_render_chat_system_multi_turn_and_generation_prompt(tok):
     messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "a"},
                 {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
     ids, mask = tok.render_chat(messages, add_generation_prompt=True)
-    assert tok.decode(ids) == "<|bos|><|system|>Be kind.<|end|><|user|>a<|end|><|assistant|>b<|end|><|user|>c<|end|><|assistant|>"
+    assert tok.decode(ids) == ("<|bos|><|system|>Be kind.<|end|><|user|>a<|end|><|assistant|>b<|end|>"
+                               "<|user|>c<|end|><|assistant|>")
     assert ids[-1] == tok.assistant_id and mask[-1] == 0
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "b<|end|>"
     assert len(ids) == len(mask)

@@ -6,7 +6,8 @@ Each turn renders the whole history with ``render_chat(add_generation_prompt=Tru
 SFT trained on) and streams the reply through :func:`tinygpt.generate.stream`, stopping at
 ``<|end|>`` or EOS. When the history no longer fits the context (prompt + ``max_new_tokens`` >
 block_size), the oldest user/assistant exchanges are dropped (the system prompt is kept) and the
-user is told. Commands: ``/help``, ``/reset``, ``/system TEXT``, ``/temp X``, ``/exit`` (or EOF).
+user is told. With ``--watermark-key`` every reply carries the watermark of :mod:`tinygpt.watermark`.
+Commands: ``/help``, ``/reset``, ``/system TEXT``, ``/temp X``, ``/exit`` (or EOF).
 
 :class:`ChatSession` is the engine (tests and the web server can drive it without a terminal);
 :func:`main` is the terminal loop. It knows nothing about training.
@@ -15,7 +16,7 @@ user is told. Commands: ``/help``, ``/reset``, ``/system TEXT``, ``/temp X``, ``
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
@@ -24,21 +25,24 @@ import torch
 from tinygpt import runtime
 from tinygpt.checkpoint import load_model, load_tokenizer_json
 from tinygpt.config import opt
-from tinygpt.generate import SamplingConfig, stream
+from tinygpt.generate import LogitsProcessor, SamplingConfig, stream
 from tinygpt.model import GPT
 from tinygpt.tokenizer import Tokenizer
+from tinygpt.watermark import DEFAULT_DELTA, DEFAULT_GAMMA, watermark_processor
 
 HELP = """commands:
   /help          this text
   /reset         forget the conversation (the system prompt stays)
   /system TEXT   set the system prompt (/system alone removes it); the conversation restarts
   /temp X        sampling temperature (0 = greedy)
+  //text         send a message that begins with /
   /exit          quit (Ctrl-D too)"""
 
 
 @dataclass
 class ChatConfig:
-    checkpoint: str = opt("", "checkpoint to chat with (a run directory, e.g. runs/x/sft, or a checkpoint directory)")
+    checkpoint: str = opt("", "checkpoint to chat with (a run directory, e.g. runs/x/sft, or a checkpoint directory)",
+                          required=True)
     system: str = opt("", "system prompt (empty: none)")
     temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
     top_k: int = opt(0, "keep only the k most likely tokens (0 = off)")
@@ -47,14 +51,18 @@ class ChatConfig:
     max_new_tokens: int = opt(128, "longest reply in tokens")
     seed: int | None = opt(None, "sampling seed (None: different replies every run)")
     device: str = opt("auto", "auto, cpu, cuda or mps")
+    watermark_key: str = opt("", "secret key: watermark every reply (green list seeded by the previous token); '' = off")
+    watermark_gamma: float = opt(DEFAULT_GAMMA, "watermark: share of the vocabulary on each green list")
+    watermark_delta: float = opt(DEFAULT_DELTA, "watermark: bias added to green logits")
 
 
 class ChatSession:
     """A conversation with a model: ``send(text)`` yields the reply's text pieces as they are sampled."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, system: str = "", sampling: SamplingConfig | None = None,
-                 notify: Callable[[str], None] | None = None):
+                 notify: Callable[[str], None] | None = None, logits_processors: Sequence[LogitsProcessor] = ()):
         self.model, self.tokenizer = model, tokenizer
+        self.logits_processors = list(logits_processors)  # e.g. the watermark
         self.system = system
         self.sampling = sampling or SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=128)
         self.notify = notify or (lambda message: None)
@@ -120,7 +128,8 @@ class ChatSession:
         tok = self.tokenizer
         new_ids: list[int] = []
         shown = ""
-        for token in stream(self.model, prompt, cfg, eos_id=tok.eos_id, stop_sequences=[[tok.end_id]]):
+        for token in stream(self.model, prompt, cfg, eos_id=tok.eos_id, stop_sequences=[[tok.end_id]],
+                            logits_processors=self.logits_processors):
             new_ids.append(token)
             text = tok.decode(new_ids, skip_special=True)
             if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
@@ -139,13 +148,25 @@ class ChatSession:
 
 
 def load_session(checkpoint: str, *, device: str = "auto", system: str = "", sampling: SamplingConfig | None = None,
-                 notify: Callable[[str], None] | None = None) -> ChatSession:
-    """A ChatSession on a checkpoint."""
+                 notify: Callable[[str], None] | None = None, watermark_key: str = "",
+                 watermark_gamma: float = DEFAULT_GAMMA, watermark_delta: float = DEFAULT_DELTA) -> ChatSession:
+    """A ChatSession on a checkpoint; a non-empty ``watermark_key`` watermarks its replies."""
     dev = runtime.resolve_device(device)
     model, _ = load_model(checkpoint, device=dev)
     model.eval()
     tokenizer = Tokenizer.from_str(load_tokenizer_json(checkpoint))
-    return ChatSession(model, tokenizer, system=system, sampling=sampling, notify=notify)
+    procs = [watermark_processor(watermark_key, watermark_gamma, watermark_delta,
+                                 vocab_size=model.cfg.vocab_size)] if watermark_key else []
+    return ChatSession(model, tokenizer, system=system, sampling=sampling, notify=notify, logits_processors=procs)
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0, 9), *range(11, 32), 127]}  # all but \t and \n
+
+
+def terminal_safe(text: str) -> str:
+    """Model text as it may be shown on a terminal: control characters (a ``\\r`` that would erase the
+    line, escape sequences) written out as ``\\xNN``; newlines and tabs kept."""
+    return text.translate(_CONTROL)
 
 
 def main(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None) -> dict[str, Any]:
@@ -161,7 +182,9 @@ def main(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
     sampling = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                               repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens,
                               seed=cfg.seed)
-    session = load_session(cfg.checkpoint, device=cfg.device, system=cfg.system, sampling=sampling, notify=say)
+    session = load_session(cfg.checkpoint, device=cfg.device, system=cfg.system, sampling=sampling, notify=say,
+                           watermark_key=cfg.watermark_key, watermark_gamma=cfg.watermark_gamma,
+                           watermark_delta=cfg.watermark_delta)
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     say(f"tinygpt chat: {cfg.checkpoint} ({session.model.num_params() / 1e6:.2f}M params, "
@@ -177,7 +200,9 @@ def main(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
         text = line.rstrip("\n")
         if not text.strip():
             continue
-        if text.startswith("/"):
+        if text.startswith("//"):
+            text = text[1:]  # "//x" sends "/x": a message may start with a slash
+        elif text.startswith("/"):
             command, _, arg = text.partition(" ")
             if command == "/exit":
                 break
@@ -207,7 +232,7 @@ def main(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
         stdout.write("bot> ")
         stdout.flush()
         for piece in pieces:
-            stdout.write(piece)
+            stdout.write(terminal_safe(piece))
             stdout.flush()
         say("")
         turns += 1

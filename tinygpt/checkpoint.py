@@ -19,6 +19,7 @@ This module knows the model and its config; it knows nothing about stages, data 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -29,12 +30,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
 from tinygpt import __version__
 from tinygpt.model import GPT, ModelConfig
+from tinygpt.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -43,6 +45,8 @@ META = "tinygpt.json"
 TRAINER_STATE = "trainer_state.pt"
 LATEST = "latest"
 
+
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # safetensors dtype names a checkpoint's tensors may have
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated or corrupt; the message names the file."""
@@ -60,12 +64,37 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if pointer.exists():
             name = pointer.read_text().strip()
             target = pointer.parent / name
-            if not target.is_dir():
+            if not target.is_dir() and not _recover_swap(target):
                 raise CheckpointError(f"{pointer}: points to {name!r}, which does not exist")
             return target
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     raise CheckpointError(f"{path}: not a checkpoint (no {WEIGHTS}, no checkpoints/{LATEST})")
+
+
+def _recover_swap(target: Path) -> bool:
+    """Put back the complete checkpoint a kill left mid-swap, if there is one.
+
+    Re-saving the step ``latest`` names (a stop at a save step, ``--resume`` of a finished run) moves
+    the old directory aside (``.step_N.old-PID``) and then moves the new one in: a kill between the
+    two renames leaves ``latest`` naming nothing. The old copy was published, so it is complete.
+    """
+    aside = sorted(target.parent.glob(f".{target.name}.old-*"))
+    if not aside:
+        return False
+    aside[-1].rename(target)
+    _fsync_dir(target.parent)
+    print(f"warning: {target} was missing after an interrupted save; restored it from {aside[-1].name}")
+    return True
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks (PPO records its reference's, and checks it on resume)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -195,6 +224,9 @@ def publish_checkpoint(run_dir: str | Path, path: str | Path, *, keep_last: int 
     """
     ckpt_root, path = Path(run_dir) / "checkpoints", Path(path)
     _write_text_atomic(ckpt_root / LATEST, path.name + "\n")
+    # what a kill mid-save left: temporary and set-aside directories (one writer per run, so none is live)
+    for stale in [*ckpt_root.glob(".step_*.tmp-*"), *ckpt_root.glob(".step_*.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     if keep_last > 0:
         steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
         for old in steps[:-keep_last]:
@@ -239,7 +271,12 @@ def load_tokenizer_json(path: str | Path) -> str:
     f = ckpt / TOKENIZER
     if not f.exists():
         raise CheckpointError(f"missing file: {f}")
-    return f.read_text()
+    try:
+        text = f.read_text(encoding="utf-8")
+        Tokenizer.from_str(text)  # parses it: a corrupt file is named here, not where it is used
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{f}: corrupt tokenizer file ({e})") from None
+    return text
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu",
@@ -254,12 +291,12 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu",
     cfg = ModelConfig.from_dict({**saved_cfg.to_dict(), **(config_overrides or {})})
     model = GPT(cfg)
     weights = ckpt / WEIGHTS
-    if not weights.exists():
-        raise CheckpointError(f"missing file: {weights}")
+    _check_weights_file(weights, model, ckpt / CONFIG)
     try:
         missing, unexpected = st_load_model(model, str(weights), strict=False, device=str(device))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{weights}: unreadable or truncated ({e})") from None
+    _check_finite(model, weights)
     # A scalar head asked for on top of a checkpoint without one starts fresh; nothing else may.
     new_head = cfg.scalar_head and not saved_cfg.scalar_head
     allowed_missing = {k for k in missing if new_head and k.startswith("scalar_head.")}
@@ -272,13 +309,39 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu",
 
 def load_weights(model: torch.nn.Module, path: str | Path, *, device: str | torch.device = "cpu") -> None:
     """Load a checkpoint's weights into an existing model of the same config (strict)."""
-    weights = resolve_checkpoint(path) / WEIGHTS
-    if not weights.exists():
-        raise CheckpointError(f"missing file: {weights}")
+    ckpt = resolve_checkpoint(path)
+    weights = ckpt / WEIGHTS
+    _check_weights_file(weights, _unwrap(model), ckpt / CONFIG)
     try:
         st_load_model(_unwrap(model), str(weights), strict=True, device=str(device))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{weights}: unreadable, truncated or of another shape ({e})") from None
+    _check_finite(_unwrap(model), weights)
+
+
+def _check_weights_file(weights: Path, model: torch.nn.Module, config: Path) -> None:
+    """Before loading: the file exists, its header parses, every tensor is floating point and has the shape
+    the model built from ``config`` expects (so a wrong config.json is named, not a "truncated" file)."""
+    if not weights.exists():
+        raise CheckpointError(f"missing file: {weights}")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            header = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{weights}: unreadable or truncated ({e})") from None
+    for name, (dtype, shape) in header.items():
+        if dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{weights}: tensor {name} is {dtype}, not floating point: not a tinygpt checkpoint")
+        if name in expected and expected[name] != shape:
+            raise CheckpointError(f"{weights}: tensor {name} has shape {list(shape)}, but {config} describes a model "
+                                  f"whose {name} is {list(expected[name])}: the config and the weights do not match")
+
+
+def _check_finite(model: torch.nn.Module, weights: Path) -> None:
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise CheckpointError(f"{weights}: tensor {name} holds NaN or inf (a diverged or corrupt checkpoint)")
 
 
 def resume_training(run_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,

@@ -9,6 +9,10 @@ level if it has no such table; flags override it. Stage modules are imported onl
 command runs, so ``tinygpt --help`` is instant.
 
 Under torchrun use the module form: ``torchrun --nproc_per_node=2 -m tinygpt.cli pretrain ...``.
+
+Errors: a usage error (a required flag missing, a bad value) is argparse's one line and exit 2; an
+error of the input (a missing file, a bad record, an unloadable checkpoint, a diverged run) is one
+line ``tinygpt CMD: error: ...`` and exit 1. ``--debug`` (or ``TINYGPT_DEBUG=1``) shows the traceback.
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 from typing import Any
 
 from tinygpt import __version__
-from tinygpt.config import add_dataclass_args, resolve
+from tinygpt.config import add_dataclass_args, missing_required, resolve
+
+DEBUG_ENV = "TINYGPT_DEBUG"
 
 # command words -> (module, config class, positional fields, one-line description)
 COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
@@ -46,10 +53,18 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
                "RLHF with PPO: KL penalty to the SFT policy, GAE, clipped losses; --ptx-coef for PPO-ptx"),
     ("evaluate",): ("tinygpt.stages.evaluate", "EvaluateConfig", (),
                     "score checkpoints: perplexity, held-out tasks, stories, pass@k, win rates, contamination"),
+    ("report",): ("tinygpt.stages.report", "ReportConfig", ("run_dir",),
+                  "redraw a run's report (report.md, report.html) from its stages' logs and eval.json"),
     ("chat",): ("tinygpt.chat", "ChatConfig", ("checkpoint",),
                 "talk to a chat model in the terminal (streamed, multi-turn, /help for commands)"),
     ("serve",): ("tinygpt.serve", "ServeConfig", ("checkpoint",),
                  "serve a checkpoint: OpenAI-compatible API (/v1) with batched decoding, and a web chat page (/)"),
+    ("watermark", "detect"): ("tinygpt.watermark", "DetectConfig", ("checkpoint",),
+                              "test texts for the green-list watermark of `sample/chat --watermark-key` (z, p-value)"),
+    ("memorisation",): ("tinygpt.eval.memorisation", "MemorisationConfig", (),
+                        "extraction: greedy continuations of training vs held-out documents, exact for 32 / 64 tokens"),
+    ("scaling",): ("tinygpt.scaling", "ScalingConfig", (),
+                   "predictable scaling: a ladder of small pretraining runs, L(C) = a C^b + c, a run 15x past it checked"),
     ("pipeline",): ("tinygpt.pipeline", "PipelineConfig", (),
                     "the main job: every stage in order on the built-in world, then the report (resumable)"),
 }
@@ -59,7 +74,8 @@ def _top_help() -> str:
     lines = [f"tinygpt {__version__}: the ChatGPT recipe at laptop scale.", "", "commands:"]
     for words, (_, _, _, desc) in COMMANDS.items():
         lines.append(f"  {' '.join(words):<18} {desc}")
-    lines += ["", "Run `tinygpt <command> --help` for a command's options."]
+    lines += ["", "Run `tinygpt <command> --help` for a command's options and examples; add --debug (or set",
+              f"{DEBUG_ENV}=1) to see the traceback of an error."]
     return "\n".join(lines)
 
 
@@ -70,15 +86,24 @@ def _match(argv: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
     return None
 
 
+def examples(module: Any) -> str:
+    """The command lines of a module's docstring (its indented ``tinygpt ...`` / ``torchrun ...`` lines)."""
+    lines = [line for line in (module.__doc__ or "").splitlines()
+             if line.startswith("    ") and line.strip().split(" ")[0] in ("tinygpt", "torchrun")]
+    return "examples:\n" + "\n".join("  " + line.strip() for line in lines) if lines else ""
+
+
 def build_parser(words: tuple[str, ...]) -> tuple[argparse.ArgumentParser, type]:
     module_name, class_name, positional, desc = COMMANDS[words]
     module = importlib.import_module(module_name)
     cls = getattr(module, class_name)
-    parser = argparse.ArgumentParser(prog="tinygpt " + " ".join(words), description=desc,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="tinygpt " + " ".join(words), description=desc, epilog=examples(module),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     if "config" not in {f.name for f in dataclasses.fields(cls)}:  # a stage with its own notion of --config
         parser.add_argument("--config", metavar="FILE", default=None,
                             help="TOML preset: fields from its [%s] table (or top level); flags override it" % words[0])
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=f"show the traceback of an error (also: {DEBUG_ENV}=1)")
     add_dataclass_args(parser, cls, positional)
     return parser, cls
 
@@ -104,11 +129,32 @@ def run(argv: list[str]) -> Any:
         cfg = resolve(cls, args, section=words[0])
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
+    missing = missing_required(cfg)
+    if missing:
+        flags = [f.upper() if f in COMMANDS[words][2] else "--" + f.replace("_", "-") for f in missing]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        parser.error(f"{', '.join(flags)} {'is' if len(flags) == 1 else 'are'} required: "
+                     + "; ".join(f"{flag}: {fields[f].metadata['help']}" for flag, f in zip(flags, missing)))
     module = importlib.import_module(COMMANDS[words][0])
-    result = module.main(cfg)
+    try:
+        result = module.main(cfg)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # an error of the input or the environment: one line, never a traceback
+        if getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        sys.exit(f"tinygpt {' '.join(words)}: error: {_one_line(e)}\n(add --debug for the traceback)")
     if isinstance(result, dict) and result.get("interrupted"):
         sys.exit(130)  # saved and stopped on Ctrl-C / SIGTERM: the conventional "interrupted" status
     return result
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message (its type where it has none, or where the type says more: KeyError, ...)."""
+    text = str(error).strip()
+    if not text or not isinstance(error, (ValueError, OSError, RuntimeError)):
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return " ".join(text.split("\n")) if len(text) < 2000 else text[:2000] + " ..."
 
 
 def main() -> None:

@@ -22,12 +22,23 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def opt(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with a default and a help string (shown by ``--help``)."""
+def opt(default: Any, help: str, *, required: bool = False, **kwargs: Any) -> Any:
+    """A dataclass field with a default and a help string (shown by ``--help``).
+
+    ``required``: the command cannot run without it (an empty default stands for "not given"); ``--help``
+    says so, and the CLI refuses to start without it (:func:`missing_required`). The dataclass itself
+    keeps the empty default, so a TOML preset or a pipeline can fill the field in.
+    """
+    metadata = {"help": help, "required": required}
     if isinstance(default, (list, dict, set)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def missing_required(cfg: Any) -> list[str]:
+    """The names of ``cfg``'s required fields that are still empty."""
+    return [f.name for f in dataclasses.fields(cfg) if f.metadata.get("required") and getattr(cfg, f.name) in ("", [], None)]
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -104,26 +115,38 @@ def load_toml(path: str | Path, section: str | None = None) -> dict[str, Any]:
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = ()) -> None:
     """Add one ``--field-name`` option per dataclass field (``positional`` ones as arguments)."""
     hints = _hints(cls)
-    for f in dataclasses.fields(cls):
+    fields = dataclasses.fields(cls)
+    declared = list(vars(cls).get("__annotations__", {}))  # the stage's own fields, in the order it declares them
+    own = sorted((f for f in fields if f.name in declared), key=lambda f: declared.index(f.name))
+    shared = [f for f in fields if f.name not in declared]
+    group: Any = parser
+    for f in own + shared:
+        if shared and f is shared[0]:  # the fields a stage inherits (training.RunConfig's ...) follow its own
+            group = parser.add_argument_group("options every trainer shares (tinygpt/training.py)")
         helptext = f.metadata.get("help", "").replace("%", "%%")  # argparse expands %-formats in help
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         base, _ = _base_type(hints[f.name])
         metavar = getattr(base, "__name__", "VALUE").upper()
+        shown = "required" if f.metadata.get("required") else f"default: {_show(default)}"
         if f.name in positional:
-            parser.add_argument(f.name, help=helptext, metavar=f.name.upper(), nargs="?" if default is not None else None,
-                                default=argparse.SUPPRESS)
+            group.add_argument(f.name, help=f"{helptext} ({shown})" if f.metadata.get("required") else helptext,
+                               metavar=f.name.upper(), nargs="?" if default is not None else None,
+                               default=argparse.SUPPRESS)
             continue
         flag = "--" + f.name.replace("_", "-")
         if typing.get_origin(base) in (list, tuple):
-            parser.add_argument(flag, dest=f.name, nargs="+", default=argparse.SUPPRESS, metavar="VALUE",
-                                help=f"{helptext}; one or more, space-separated (default: {_show(default)})")
+            group.add_argument(flag, dest=f.name, nargs="+", default=argparse.SUPPRESS, metavar="VALUE",
+                               help=f"{helptext}; one or more, space-separated ({shown})")
         elif base is bool:
-            parser.add_argument(flag, dest=f.name, nargs="?", const="true", default=argparse.SUPPRESS,
-                                metavar="BOOL", help=f"{helptext} (default: {_show(default)})")
+            no_flag = "--no-" + f.name.replace("_", "-")
+            group.add_argument(flag, dest=f.name, nargs="?", const="true", default=argparse.SUPPRESS,
+                               metavar="BOOL", help=f"{helptext} ({shown}; {no_flag} = false)")
+            group.add_argument(no_flag, dest=f.name, action="store_const", const="false", default=argparse.SUPPRESS,
+                               help=argparse.SUPPRESS)
         else:
-            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
-                                help=f"{helptext} (default: {_show(default)})")
+            group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
+                               help=f"{helptext} ({shown})")
 
 
 def _show(default: Any) -> str:

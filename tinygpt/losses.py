@@ -4,8 +4,9 @@ Every stage's loop calls these; no stage re-derives a loss, a log-prob or a mask
 knows nothing about models, tokenizers or data: tensors in, tensors out.
 
 Language modelling (pretraining, SFT): lm_loss, token_logprobs, sequence_logprobs.
-Alignment (reward model, DPO, PPO): pairwise_loss, dpo_loss, kl_penalty, gae, whiten,
-ppo_losses, entropy_from_logits, and the masked_mean they share.
+Alignment (reward model, DPO, PPO): pairwise_loss, dpo_loss, kl_penalty, shaped_rewards,
+adaptive_kl_coef (and its stateful AdaptiveKLController), gae, whiten, ppo_losses,
+explained_variance, entropy_from_logits, and the masked_mean they share.
 
 Conventions: (B, T) per-token tensors come with a (B, T) ``mask`` that is 1 on the tokens that
 count (response tokens) and 0 elsewhere (prompt, padding after EOS); means are over the tokens
@@ -150,6 +151,60 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
     raise ValueError(f"kl_penalty: kind must be k1, k2 or k3, got {kind!r}")
 
 
+def shaped_rewards(scores: torch.Tensor, kl_tokens: torch.Tensor, mask: torch.Tensor,
+                   kl_coef: float) -> torch.Tensor:
+    """InstructGPT's per-token reward (https://arxiv.org/abs/2203.02155, eq. 2, after Ziegler et al. 2019):
+    ``r_t = -kl_coef * KL_t`` on every response token, plus the reward model's score on the last one.
+
+    scores (B,): the RM's score of each whole answer; kl_tokens (B, T): per-token KL estimates
+    (:func:`kl_penalty`); mask (B, T): 1 on response tokens, each row's ones a prefix (right padding).
+    Returns (B, T) float32, 0 where mask is 0. A row without response tokens gets its score nowhere
+    (an empty answer is refused: there is no token to reward).
+    """
+    if kl_tokens.shape != mask.shape or scores.shape != kl_tokens.shape[:1]:
+        raise ValueError(f"shaped_rewards: scores (B,), kl_tokens and mask (B, T), got {tuple(scores.shape)}, "
+                         f"{tuple(kl_tokens.shape)}, {tuple(mask.shape)}")
+    m = mask.float()
+    lengths = m.sum(1).long()  # (B,)
+    if bool((lengths == 0).any()):
+        raise ValueError("shaped_rewards: an answer with no response token has no token to carry its score")
+    rewards = -kl_coef * kl_tokens.float() * m  # (B, T)
+    rows = torch.arange(len(scores), device=scores.device)
+    rewards[rows, lengths - 1] += scores.float()
+    return rewards
+
+
+def adaptive_kl_coef(kl_coef: float, kl: float, target: float, n_answers: int, horizon: int) -> float:
+    """Ziegler et al. (2019), section 2.2, a proportional controller of the KL coefficient beta:
+    ``beta * (1 + clip(KL / KL_target - 1, -0.2, 0.2) * n / horizon)``, ``n`` the answers behind ``KL``."""
+    if target <= 0 or horizon <= 0:
+        raise ValueError(f"adaptive KL needs a target > 0 and a horizon > 0, got {target}, {horizon}")
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_answers / horizon)
+
+
+class AdaptiveKLController:
+    """The KL coefficient of a PPO run, with a checkpointable state: :func:`adaptive_kl_coef` after every
+    rollout, or fixed when ``target`` is None."""
+
+    def __init__(self, init: float, target: float | None, horizon: int):
+        if init < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {init}")
+        if target is not None and (target <= 0 or horizon <= 0):
+            raise ValueError(f"adaptive KL needs kl_target > 0 and kl_horizon > 0, got {target}, {horizon}")
+        self.value, self.target, self.horizon = float(init), target, horizon
+
+    def update(self, kl: float, n_answers: int) -> None:
+        if self.target is not None:
+            self.value = adaptive_kl_coef(self.value, kl, self.target, n_answers, self.horizon)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
         lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized Advantage Estimation (Schulman et al. 2015, https://arxiv.org/abs/1506.02438).
@@ -240,6 +295,17 @@ def ppo_losses(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
         mean_ratio = masked_mean(ratio, m)
     return {"policy_loss": policy_loss, "value_loss": value_loss, "clip_frac": clip_frac,
             "value_clip_frac": value_clip_frac, "approx_kl": approx_kl, "ratio": mean_ratio}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """``1 - Var(returns - values) / Var(returns)`` over masked tokens (of every worker with ``reduce``):
+    1 is a perfect value function, <= 0 no better than a constant; NaN when the returns do not vary."""
+    def var(x: torch.Tensor) -> torch.Tensor:
+        return masked_mean((x - masked_mean(x, mask, reduce)) ** 2, mask, reduce)
+
+    total = var(returns.float())
+    return float(1.0 - var(returns.float() - values.float()) / total) if total > 0 else float("nan")
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:

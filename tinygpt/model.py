@@ -24,6 +24,9 @@ from torch import Tensor
 ARCHS = ("gpt2", "llama")
 
 
+MAX_PARAMS = 20_000_000_000  # a config past this is a typo or a corrupt file, not a model to allocate
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 4096          # tokens in the vocabulary
@@ -41,6 +44,17 @@ class ModelConfig:
     scalar_head: bool = False       # adds scalar_head = Linear(d_model, 1) for reward / value models
 
     def __post_init__(self) -> None:
+        for name, low, high in (("vocab_size", 1, 1 << 24), ("block_size", 1, 1 << 20), ("n_layer", 1, 1024),
+                                ("n_head", 1, 4096), ("d_model", 1, 1 << 16)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"ModelConfig.{name} must be an integer in [{low}, {high}], got {value!r}")
+        for name in ("n_kv_head", "d_ff"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 20):
+                raise ValueError(f"ModelConfig.{name} must be None or a positive integer, got {value!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"ModelConfig.arch must be one of {ARCHS}, got {self.arch!r}")
         if self.d_model % self.n_head:
@@ -51,6 +65,11 @@ class ModelConfig:
             raise ValueError("grouped KV heads (n_kv_head != n_head) need arch='llama'")
         if (self.d_model // self.n_head) % 2 and self.arch == "llama":
             raise ValueError(f"RoPE needs an even head size, got {self.d_model // self.n_head}")
+        per_layer = 4 * self.d_model ** 2 + 3 * self.d_model * self.ff_hidden
+        approx_params = self.vocab_size * self.d_model + self.n_layer * per_layer
+        if approx_params > MAX_PARAMS:
+            raise ValueError(f"ModelConfig describes about {approx_params / 1e9:.0f}B parameters "
+                             f"({approx_params * 4 / 2**30:,.0f} GiB in float32), past tinygpt's {MAX_PARAMS / 1e9:.0f}B")
 
     @property
     def head_dim(self) -> int:

@@ -7,7 +7,8 @@
 
 Each stage writes its own sub-directory (``runs/demo/sft``, ...). The recipe is a TOML file with
 a ``[pipeline]`` table (this module's fields) and one table per stage holding that stage's
-options (``[pretrain] max_steps = 600``); the paths that connect the stages (``--init``,
+options (``[pretrain] max_steps = 600``); ``[sft_lora]`` extends ``[sft]`` and ``[ppo_ptx]`` extends
+``[ppo]`` (``Stage.inherits``: their own keys win). The paths that connect the stages (``--init``,
 ``--data``, ...) are filled in here and always win. Without ``--config`` the built-in recipe
 ``tinygpt/recipes/demo.toml`` (also ``configs/demo.toml``) is used.
 
@@ -41,7 +42,8 @@ class PipelineConfig:
     seed: int = opt(0, "seed for the world, the split, and every stage")
     device: str = opt("auto", "auto, cpu, cuda or mps (every stage)")
     dtype: str = opt("auto", "autocast dtype for every training stage: auto, float32 or bfloat16")
-    stages: list[str] = opt([], "run only these stages (their inputs must exist); empty = all")
+    stages: list[str] = opt([], "run only these stages (their inputs must exist); empty = all. Stages: world "
+                                "tokenizer prepare pretrain sft sft_lora rank reward ppo ppo_ptx dpo evaluate report")
     skip: list[str] = opt([], "stages to leave out (e.g. sft_lora dpo)")
     progress: bool = opt(True, "progress bars inside the stages")
     report_prompts: list[str] = opt(["What is 3 plus 4?", "Reverse these words: cat dog sun",
@@ -58,6 +60,7 @@ class Stage:
     trains: bool = True      # has checkpoints and --resume
     expected_s: float = 10   # seconds in the reference run (records/): weights the overall ETA
     subdir: str = ""         # its directory under the run ("" = its name)
+    inherits: str = ""       # a stage whose recipe table this one's extends (its own keys win)
 
     @property
     def dir(self) -> str:
@@ -78,17 +81,17 @@ STAGES: list[Stage] = [
           wiring=lambda o, c: {"out": _w(o, "world"), "seed": c.seed, "progress": c.progress}),
     Stage("tokenizer", "tinygpt.stages.tokenizer", "TokenizerConfig", trains=False, expected_s=4,
           wiring=lambda o, c: {"inputs": [_w(o, "world", "pretrain.jsonl")], "out": _w(o, "tokenizer"),
-                               "show_progress": c.progress}),
+                               "progress": c.progress}),
     Stage("prepare", "tinygpt.stages.prepare", "PrepareConfig", trains=False, expected_s=7, subdir="data",
           wiring=lambda o, c: {"inputs": [_w(o, "world", "pretrain.jsonl")], "tokenizer": _w(o, "tokenizer"),
-                               "out": _w(o, "data"), "seed": c.seed, "show_progress": c.progress}),
+                               "out": _w(o, "data"), "seed": c.seed, "progress": c.progress}),
     Stage("pretrain", "tinygpt.stages.pretrain", "PretrainConfig", expected_s=400,
           wiring=lambda o, c: {**_common(o, c, "pretrain"), "data": _w(o, "data")}),
     Stage("sft", "tinygpt.stages.sft", "SFTConfig", expected_s=79,
           wiring=lambda o, c: {**_common(o, c, "sft"), "init": _w(o, "pretrain"),
                                "data": _w(o, "world", "sft_train.jsonl"), "eval_data": _w(o, "world", "sft_test.jsonl"),
                                "task_eval": _w(o, "world", "sft_test.jsonl")}),
-    Stage("sft_lora", "tinygpt.stages.sft", "SFTConfig", expected_s=33,
+    Stage("sft_lora", "tinygpt.stages.sft", "SFTConfig", expected_s=33, inherits="sft",
           wiring=lambda o, c: {**_common(o, c, "sft_lora"), "init": _w(o, "pretrain"),
                                "data": _w(o, "world", "sft_train.jsonl"), "eval_data": _w(o, "world", "sft_test.jsonl"),
                                "task_eval": _w(o, "world", "sft_test.jsonl")}),
@@ -103,7 +106,7 @@ STAGES: list[Stage] = [
     Stage("ppo", "tinygpt.stages.ppo", "PPOConfig", expected_s=50,
           wiring=lambda o, c: {**_common(o, c, "ppo"), "policy": _w(o, "sft"), "reward": _w(o, "reward"),
                                "prompts": _w(o, "world", "rl_prompts.jsonl"), "ptx_coef": 0.0}),
-    Stage("ppo_ptx", "tinygpt.stages.ppo", "PPOConfig", expected_s=68,
+    Stage("ppo_ptx", "tinygpt.stages.ppo", "PPOConfig", expected_s=68, inherits="ppo",
           wiring=lambda o, c: {**_common(o, c, "ppo_ptx"), "policy": _w(o, "sft"), "reward": _w(o, "reward"),
                                "prompts": _w(o, "world", "rl_prompts.jsonl"), "ptx_data": _w(o, "data")}),
     Stage("dpo", "tinygpt.stages.dpo", "DPOConfig", expected_s=36,
@@ -115,7 +118,8 @@ STAGES: list[Stage] = [
                                "checkpoints": [f"{name}={_w(o, d)}" for name, d in _EVALUATED
                                                if latest_checkpoint(o / d) is not None],
                                "baseline": _w(o, "sft") if latest_checkpoint(o / "sft") else "",
-                               "reward": _w(o, "reward") if latest_checkpoint(o / "reward") else ""}),
+                               "reward": _w(o, "reward") if latest_checkpoint(o / "reward") else "",
+                               "prompts": c.report_prompts}),
 ]
 _EVALUATED = [("base", "pretrain"), ("sft", "sft"), ("sft_lora", "sft_lora"), ("ppo", "ppo"),
               ("ppo_ptx", "ppo_ptx"), ("dpo", "dpo")]
@@ -133,7 +137,8 @@ def load_recipe(path: str) -> dict[str, dict[str, Any]]:
 
 def stage_config(stage: Stage, out: Path, cfg: PipelineConfig, recipe: dict[str, dict[str, Any]]) -> Any:
     cls = getattr(importlib.import_module(stage.module), stage.config_class)
-    values = {**recipe.get(stage.name, {}), **stage.wiring(out, cfg)}
+    inherited = recipe.get(stage.inherits, {}) if stage.inherits else {}
+    values = {**inherited, **recipe.get(stage.name, {}), **stage.wiring(out, cfg)}
     return from_dict(cls, values, source=f"{cfg.config or 'built-in recipe'} [{stage.name}]")
 
 
@@ -161,15 +166,15 @@ def _fmt(seconds: float) -> str:
 
 
 def main(cfg: PipelineConfig) -> dict[str, Any]:
+    unknown = sorted((set(cfg.stages) | set(cfg.skip)) - set(STAGE_NAMES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages are {' '.join(STAGE_NAMES)}")
     recipe = load_recipe(cfg.config)
     cfg = _with_pipeline_table(cfg, recipe.get("pipeline", {}))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "pipeline_config.json")
     wanted = [s for s in STAGES if (not cfg.stages or s.name in cfg.stages) and s.name not in cfg.skip]
-    unknown = sorted((set(cfg.stages) | set(cfg.skip)) - set(STAGE_NAMES))
-    if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; stages are {STAGE_NAMES}")
     if any(s.name == "sft_lora" for s in wanted) and importlib.util.find_spec("peft") is None:
         print("note: peft is not installed, so the LoRA SFT stage is skipped (pip install 'tinygpt[lora]')")
         wanted = [s for s in wanted if s.name != "sft_lora"]
@@ -224,13 +229,10 @@ def _report(out: Path, cfg: PipelineConfig) -> dict[str, str] | None:
     if not eval_json.exists():
         print("no evaluation results (evaluate did not run): no report")
         return None
-    from tinygpt.eval.report import build_report
+    from tinygpt.eval.report import build_report, discover_stages
 
-    stages = {name: str(out / name) for name in ("pretrain", "sft", "sft_lora", "reward", "ppo", "ppo_ptx", "dpo")
-              if (out / name).exists()}
-    checkpoints = {name: str(out / d) for name, d in _EVALUATED if latest_checkpoint(out / d) is not None}
-    paths = build_report(out, stages=stages, eval_result=json.loads(eval_json.read_text()),
-                         checkpoints=checkpoints, prompts=cfg.report_prompts, out_dir=out)
+    paths = build_report(out, stages=discover_stages(out), eval_result=json.loads(eval_json.read_text()),
+                         eval_dir=out / "eval", out_dir=out)
     return {k: str(v) for k, v in paths.items()}
 
 

@@ -148,6 +148,17 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any of them (e.g. a Ctrl-C seen by one rank).
+
+    The tensor is built on ``device``, the rank's own: NCCL refuses a CPU tensor, and gloo (the tests'
+    backend) accepts either, so a tensor built without ``device=`` passes every CPU test and fails
+    only on GPUs. Every collective of a stage therefore takes its device from the stage's run.
+    """
+    value = torch.tensor(float(flag), device=device)
+    return bool(all_reduce_sum(value).item() > 0)
+
+
 def average_gradients(module: torch.nn.Module) -> None:
     """Replace every parameter's gradient by its mean over ranks: what DDP does, by hand.
 

@@ -142,7 +142,10 @@ class Tokenizer:
 
     @classmethod
     def from_str(cls, json_str: str) -> "Tokenizer":
-        return cls(_HFTokenizer.from_str(json_str))
+        try:
+            return cls(_HFTokenizer.from_str(json_str))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+            raise ValueError(f"not a tokenizer.json: {e}") from e
 
     def to_str(self) -> str:
         return self._tok.to_str()

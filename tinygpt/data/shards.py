@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tinygpt.data.sampling import check_batch_position
-from tinygpt.data.sources import ReadStats, iter_documents
+from tinygpt.data.sources import DataError, ReadStats, iter_documents
 from tinygpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
 META_FILE = "meta.json"
@@ -101,7 +101,6 @@ def prepare_shards(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
-    (out_dir / META_FILE).unlink(missing_ok=True)  # the directory is incomplete from here on
 
     started = time.perf_counter()
     read_stats = ReadStats()
@@ -141,7 +140,7 @@ def prepare_shards(
                 docs["val"] += 1
         progress.close()
         if docs["train"] + docs["val"] == 0:
-            raise ValueError(f"no documents read from {read_stats.files} (skipped {read_stats.skipped} bad ones)")
+            raise DataError(f"no documents read from {read_stats.files} (skipped {read_stats.skipped} bad ones)")
         seconds = time.perf_counter() - started
         meta = {
             "format": SHARD_FORMAT,
@@ -166,6 +165,10 @@ def prepare_shards(
             "seconds": round(seconds, 3),
             "tokens_per_second": round((tokens["train"] + tokens["val"]) / max(seconds, 1e-9)),
         }
+        # everything is read: only now is a good directory from an earlier run replaced. Without
+        # meta.json the directory counts as incomplete, so a kill during the swap is never mistaken
+        # for finished shards; a bad input (the usual failure) leaves the earlier shards untouched.
+        (out_dir / META_FILE).unlink(missing_ok=True)
         for split in SPLITS:
             tmp[split].replace(out_dir / f"{split}.bin")
         tokenizer.save(out_dir / TOKENIZER_FILE)  # the shards carry the tokenizer that made them

@@ -222,13 +222,25 @@ def _read_text(path: Path, skip_bad: bool, stats: ReadStats) -> Iterator[str]:
 def iter_records(
     path: str | Path, *, skip_bad: bool = False, stats: ReadStats | None = None
 ) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ``(where, record)`` for each JSON object of a JSONL file; ``where`` is ``"file:line"``
-    for the caller's own field errors (see :func:`require_field`). Blank lines are ignored;
-    invalid UTF-8, invalid JSON and non-object lines are errors (or skipped and counted)."""
+    """Yield ``(where, record)`` for each record of a JSONL file (``where`` = ``"file:line"``), a Parquet
+    file or a `datasets` ``save_to_disk`` directory (``"path: row N"``), for the caller's own field
+    errors (see :func:`require_field`). Every stage that reads records (chats, rankings, pairs, prompts,
+    task records) reads them here, so each takes the same formats. JSONL: blank lines are ignored;
+    invalid UTF-8, invalid JSON (nested too deep included) and non-object lines are errors (or skipped
+    and counted). A `DatasetDict` directory is refused: pass one split."""
     path = Path(path)
     stats = stats if stats is not None else ReadStats()
+    if is_dataset_dir(path):
+        yield from _dataset_rows(path)
+        return
+    if path.is_dir():
+        raise DataError(f"{path}: a directory but not a `datasets` save_to_disk directory; pass a .jsonl or "
+                        ".parquet file, or a `datasets` directory")
     if not path.is_file():
         raise FileNotFoundError(f"input not found: {path}")
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        yield from _parquet_rows(path)
+        return
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             where = f"{path}:{line_no}"
@@ -242,12 +254,38 @@ def iter_records(
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                _handle(_Bad(where, f"invalid JSON ({e.msg} at column {e.colno})", "invalid JSON"), skip_bad, stats)
+                _handle(_Bad(where, f"invalid JSON ({e.msg}, column {e.colno})", "invalid JSON"), skip_bad, stats)
+                continue
+            except RecursionError:
+                _handle(_Bad(where, "invalid JSON (nested too deep)", "invalid JSON"), skip_bad, stats)
                 continue
             if not isinstance(record, dict):
                 _handle(_Bad(where, f"expected a JSON object, got {type(record).__name__}", "not an object"), skip_bad, stats)
                 continue
             yield where, record
+
+
+def _dataset_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    import datasets
+
+    if (path / "dataset_dict.json").is_file():
+        raise DataError(f"{path}: a DatasetDict; pass one split directory (e.g. {path / 'train'})")
+    for i, row in enumerate(datasets.load_from_disk(str(path))):
+        yield f"{path}: row {i}", dict(row)
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for non-Parquet bytes
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from e
+    row = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            yield f"{path}: row {row}", record
+            row += 1
 
 
 def require_field(record: dict[str, Any], name: str, expected: type | tuple[type, ...], where: str) -> Any:
@@ -312,7 +350,8 @@ def _read_dataset_dir(path: Path, text_field: str, skip_bad: bool, stats: ReadSt
 
     if (path / "dataset_dict.json").is_file():
         splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-        raise DataError(f"{path}: a DatasetDict with splits {splits}; pass one split directory, e.g. {path / (splits or ['train'])[0]}")
+        raise DataError(f"{path}: a DatasetDict with splits {splits}; pass one split directory, "
+                        f"e.g. {path / (splits or ['train'])[0]}")
     dataset = datasets.load_from_disk(str(path))
     if text_field not in dataset.column_names:
         raise DataError(f"{path}: no column {text_field!r} (columns: {dataset.column_names}); set text_field")

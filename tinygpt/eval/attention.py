@@ -204,3 +204,21 @@ def plot_attention(maps: Tensor, tokens: Sequence[str], layer_heads: Sequence[tu
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return out_png
+
+
+def attention_summary(model: GPT, tokenizer: Tokenizer, text: str, max_tokens: int, out_png: str | Path) -> dict:
+    """The base model reading the first ``max_tokens`` tokens of ``text``: the heads picked by rule, drawn
+    into ``out_png``. Returns ``{"text", "tokens", "picks", "figure"}`` (JSON-able: `tinygpt evaluate`
+    stores it in eval.json and the report renders it)."""
+    ids = tokenizer.encode(text, add_bos=True)[:min(max_tokens, model.cfg.block_size)]
+    maps = attention_maps(model, ids)  # (L, H, T, T)
+    picks = interesting_heads(maps, ids)
+    chosen: list[tuple[int, int]] = []
+    titles: list[str] = []
+    for p in picks:
+        if (p["layer"], p["head"]) not in chosen:
+            chosen.append((p["layer"], p["head"]))
+            titles.append(f"layer {p['layer']}, head {p['head']}: {p['rule'].replace('_', ' ')} ({p['score']:.2f})")
+    png = plot_attention(maps, token_labels(tokenizer, ids), chosen, out_png, titles=titles)
+    return {"text": tokenizer.decode(ids, skip_special=True), "tokens": len(ids), "picks": picks,
+            "figure": str(png)}

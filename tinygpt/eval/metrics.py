@@ -7,7 +7,8 @@
   (weighted by tokens), and its exponential.
 * :func:`bleu`: corpus BLEU with ``sacrebleu`` (its default 13a tokenizer, one reference per hypothesis).
 * :func:`win_rate`: the share of comparisons a candidate wins against a baseline, ties counted half,
-  from any per-item scores (labeler utilities, reward-model scores).
+  from any per-item scores (labeler utilities, reward-model scores), with the W/L/T counts, a 95%
+  interval, and the share of the decided comparisons won (Wilson interval, :func:`wilson_interval`).
 
 It knows no checkpoints, files or stages: numbers, strings, a model and a dataset in.
 """
@@ -122,5 +123,30 @@ def win_rate(candidate_scores: Sequence[float], baseline_scores: Sequence[float]
     wins = sum(c - b > tie_tolerance for c, b in zip(cand, base))
     losses = sum(b - c > tie_tolerance for c, b in zip(cand, base))
     ties = len(cand) - wins - losses
-    return {"win_rate": (wins + 0.5 * ties) / len(cand), "wins": wins, "ties": ties, "losses": losses,
-            "n": len(cand)}
+    n = len(cand)
+    rate = (wins + 0.5 * ties) / n
+    # 95% intervals: the tie-half rate is a mean of per-comparison scores in {0, 1/2, 1} (normal
+    # approximation, its sample variance); the decided-only share is binomial (Wilson). Several answers
+    # to one question are not independent, so with repeated items both are a little too narrow.
+    var = (wins * (1 - rate) ** 2 + ties * (0.5 - rate) ** 2 + losses * rate ** 2) / max(n - 1, 1)
+    half = Z95 * math.sqrt(var / n)
+    decided = wins + losses
+    return {"win_rate": rate, "wins": wins, "ties": ties, "losses": losses, "n": n,
+            "ci95": [max(0.0, rate - half), min(1.0, rate + half)],
+            "decided_win_rate": wins / decided if decided else None,
+            "decided_ci95": wilson_interval(wins, decided) if decided else None}
+
+
+Z95 = 1.959963984540054
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> list[float]:
+    """Wilson's score interval for a binomial share (95% by default): better than the normal
+    approximation near 0 and 1 and for small ``n``. ``successes`` may count a tie as 1/2."""
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval: need 0 <= successes <= n and n >= 1, got {successes}, {n}")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return [max(0.0, centre - half), min(1.0, centre + half)]

@@ -12,15 +12,16 @@ an inline style sheet, no external asset, every piece of model or user text pass
 2. **Reading**: sentences computed from that table (what raised accuracy, what lowered rudeness,
    whether PPO-ptx kept perplexity within 5% of SFT's): no number in them is written by hand.
 3. **Curves**: pretraining/SFT loss, reward-model accuracy, PPO reward and KL, DPO loss, each drawn
-   with :func:`tinygpt.metrics.plot_curves` from the stage's ``metrics.jsonl``.
-4. **Same prompts, every model**: greedy answers through the chat template
-   (:func:`tinygpt.eval.tasks.answer`) for chat checkpoints, a plain-text continuation for a base model.
+   with :func:`tinygpt.runlog.plot_curves` from the stage's ``metrics.jsonl``.
+4. **Same prompts, every model**: the greedy answers `tinygpt evaluate --prompts` stored (chat
+   template for chat checkpoints, a plain-text continuation for a base model).
 5. **Contamination**: the 13-gram overlap table of ``eval.json``.
-6. **Attention**: a few heads of the base model on a story from the world, chosen by the rules of
-   :mod:`tinygpt.eval.attention`.
+6. **Attention**: the heads of the base model `tinygpt evaluate` picked and drew on a story of the world.
 
-A missing part (a stage not run, a checkpoint that does not load, no perplexity) becomes a note in
-the report, never a crash. It reads what the stages and ``tinygpt evaluate`` wrote; it imports no stage.
+It is a pure renderer: it reads what the stages (``metrics.jsonl``) and ``tinygpt evaluate``
+(``eval.json`` and its figures) wrote, loads no model and generates nothing, so ``tinygpt report RUN_DIR``
+redraws a report in seconds. A missing part (a stage not run, no perplexity) becomes a note in the
+report, never a crash. It imports no stage.
 """
 
 from __future__ import annotations
@@ -28,24 +29,16 @@ from __future__ import annotations
 import base64
 import html
 import math
-import random
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from tinygpt.runlog import plot_curves, read_metrics
 
-from tinygpt import runtime
-from tinygpt.checkpoint import CheckpointError, load_meta, load_model, load_tokenizer_json, resolve_checkpoint
-from tinygpt.eval.attention import attention_maps, interesting_heads, plot_attention, token_labels
-from tinygpt.eval.tasks import answer
-from tinygpt.generate import SamplingConfig, generate
-from tinygpt.metrics import plot_curves, read_metrics
-from tinygpt.tokenizer import Tokenizer
-from tinygpt.world.stories import generate_story
-
-STAGE_LABELS = {"pretrain": "base", "base": "base", "sft": "SFT", "sft_lora": "SFT (LoRA)", "reward": "reward model", "ppo": "PPO",
+STAGE_LABELS = {"pretrain": "base", "base": "base", "sft": "SFT", "sft_lora": "SFT (LoRA)", "reward": "reward model",
+                "ppo": "PPO",
                 "ppo_ptx": "PPO-ptx", "dpo": "DPO"}
 POLICY_STAGES = ("pretrain", "sft", "ppo", "ppo_ptx", "dpo")  # the rows InstructGPT's figure 1 compares
 PTX_PERPLEXITY_TOLERANCE = 0.05  # PPO-ptx "holds" perplexity when at most 5% above SFT's
@@ -284,13 +277,34 @@ def score_rows(eval_result: dict[str, Any], stages: dict[str, str]) -> list[Row]
             # sampled answers show the rudeness a user meets; greedy ones hide a minority habit
             "answer_rudeness": _first(_get(r, "sampled_answers", "answer_rudeness"), _get(r, "tasks", "answer_rudeness")),
             "perplexity": _get(r, "perplexity", "perplexity"),
-            "kl": _last(records, "kl"),
+            # k3 (never negative, unbiased) where PPO logged it; the k1 mean it trains on can come out
+            # below 0 when the policy barely moved (PPO-ptx showed -0.001)
+            "kl": _first(_last(records, "kl_k3"), _last(records, "kl")),
         }
         if stage is None and r.get("stage") == "pretrain":
             stage = "pretrain"
         rows.append(Row(name=name, stage=stage, scores=scores))
     order = {s: i for i, s in enumerate(stages)}
     return sorted(rows, key=lambda row: order.get(row.stage or "", len(order)))  # stable: eval order otherwise
+
+
+def _get_list(d: Any, *keys: str) -> list | None:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d if isinstance(d, list) else None
+
+
+def _interval(ci: list | None) -> str:
+    return "-" if not ci else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def win_cells(w: dict[str, Any]) -> list[str]:
+    """A win-rate result as cells: rate, its interval, decided share, its interval, W / L / T."""
+    counts = "-" if "wins" not in w else f"{w['wins']} / {w['losses']} / {w['ties']}"
+    return [_cell(w.get("win_rate"), 3), _interval(w.get("ci95")), _cell(w.get("decided_win_rate"), 3),
+            _interval(w.get("decided_ci95")), counts]
 
 
 def _cell(value: float | None, digits: int) -> str:
@@ -413,113 +427,63 @@ def curve_figures(stages: dict[str, str], fig_dir: Path) -> tuple[list[Figure], 
 
 # --- the same prompts, every model --------------------------------------------------------------------
 
-@torch.no_grad()
-def continue_text(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-    """Greedy plain-text continuations (a base model has no chat template); '' where a prompt fills the context."""
-    out = []
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt, add_bos=True)
-        room = model.cfg.block_size - len(ids)
-        if room < 1:
-            out.append("")
-            continue
-        cfg = SamplingConfig(temperature=0.0, max_new_tokens=min(max_new_tokens, room))
-        new = generate(model, [ids], cfg, eos_id=tokenizer.eos_id)[0]
-        out.append(tokenizer.decode(new, skip_special=True))
-    return out
-
-
-def _load(ckpt: str | Path, device: str):
-    path = resolve_checkpoint(ckpt)
-    model, _ = load_model(path, device=device)
-    model.eval()
-    stage = load_meta(path).get("stage")
-    return model, Tokenizer.from_str(load_tokenizer_json(path)), stage
-
-
-def same_prompts(checkpoints: dict[str, str], prompts: Sequence[str], *, max_new_tokens: int,
-                 device: str) -> tuple[list[Block], list[str]]:
-    """Per prompt, a table of every checkpoint's greedy answer; notes for checkpoints that do not load."""
-    answers: dict[str, tuple[str, list[str]]] = {}
-    notes = []
-    for name, ckpt in checkpoints.items():
-        try:
-            model, tok, stage = _load(ckpt, device)
-        except (CheckpointError, OSError, ValueError) as e:
-            notes.append(f"{name}: could not be loaded ({e}).")
-            continue
-        if stage == "pretrain":
-            answers[name] = ("base: plain-text continuation", continue_text(model, tok, prompts, max_new_tokens))
-        else:
-            answers[name] = ("chat template", answer(model, tok, list(prompts), max_new_tokens))
-        del model
+def same_prompts(eval_result: dict[str, Any]) -> tuple[list[Block], list[str]]:
+    """Per prompt, a table of every checkpoint's greedy answer, from eval.json's ``same_prompts``."""
+    results = eval_result.get("checkpoints") or {}
+    answers = {name: r["same_prompts"] for name, r in results.items() if r.get("same_prompts")}
+    notes = [f"{name}: answered no prompts in this evaluation." for name, r in results.items()
+             if not r.get("same_prompts")]
+    prompts = next(iter(answers.values()))["prompts"] if answers else []
     blocks: list[Block] = []
-    if answers:
-        for i, prompt in enumerate(prompts):
-            blocks += [Heading(3, f"Prompt {i + 1}"), Preformatted(prompt),
-                       Table(["model", "asked through", "greedy answer"],
-                             [[name, how, texts[i] or "(empty)"] for name, (how, texts) in answers.items()])]
+    for i, prompt in enumerate(prompts):
+        blocks += [Heading(3, f"Prompt {i + 1}"), Preformatted(prompt),
+                   Table(["model", "asked through", "greedy answer"],
+                         [[name, a["how"], a["answers"][i] or "(empty)"] for name, a in answers.items()
+                          if i < len(a["answers"])])]
     return blocks, notes
 
 
 # --- attention ----------------------------------------------------------------------------------------
 
-def attention_section(base_ckpt: str | Path, fig_dir: Path, *, text: str, max_tokens: int,
-                      device: str, run_dir: Path) -> list[Block]:
-    model, tok, _ = _load(base_ckpt, device)
-    where = resolve_checkpoint(base_ckpt)
+def attention_section(attention: dict[str, Any], eval_dir: Path, fig_dir: Path, run_dir: Path) -> list[Block]:
+    """The base model's attention maps as `tinygpt evaluate` drew them (its figure copied beside the report)."""
+    src = eval_dir / attention["figure"]
+    if not src.is_file():
+        return [Paragraph(f"The attention figure {src} is missing: rerun `tinygpt evaluate`.")]
+    png = fig_dir / "attention.png"
+    if src.resolve() != png.resolve():
+        shutil.copyfile(src, png)
+    where = Path(attention.get("checkpoint", "?"))
     if _inside(where, run_dir):
         where = where.resolve().relative_to(run_dir.resolve())
-    ids = tok.encode(text, add_bos=True)[:min(max_tokens, model.cfg.block_size)]
-    maps = attention_maps(model, ids)  # (L, H, T, T)
-    picks = interesting_heads(maps, ids)
-    chosen: list[tuple[int, int]] = []
-    titles: list[str] = []
-    for p in picks:
-        if (p["layer"], p["head"]) not in chosen:
-            chosen.append((p["layer"], p["head"]))
-            titles.append(f"layer {p['layer']}, head {p['head']}: {p['rule'].replace('_', ' ')} ({p['score']:.2f})")
-    png = plot_attention(maps, token_labels(tok, ids), chosen, fig_dir / "attention.png", titles=titles)
-    return [Paragraph(f"The base model ({where}) reading the first {len(ids)} tokens of "
+    picks = attention.get("picks") or []
+    return [Paragraph(f"The base model ({where}) reading the first {attention.get('tokens', '?')} tokens of "
                       "this story; rows are queries, columns the keys they attend to. Heads picked by rule:"),
-            Preformatted(tok.decode(ids, skip_special=True)),
+            Preformatted(attention.get("text", "")),
             Table(["rule", "layer", "head", "score", "how it is picked"],
                   [[p["rule"], str(p["layer"]), str(p["head"]), f"{p['score']:.3f}", p["why"]] for p in picks]),
             Figure(png, "attention weights of the picked heads")]
 
 
-def _base_checkpoint(checkpoints: dict[str, str], stages: dict[str, str]) -> str | Path | None:
-    for ckpt in checkpoints.values():
-        try:
-            if load_meta(ckpt).get("stage") == "pretrain":
-                return ckpt
-        except CheckpointError:
-            continue
-    for stage, stage_dir in stages.items():
-        if stage_kind(stage) == "pretrain":
-            try:
-                return resolve_checkpoint(stage_dir)
-            except CheckpointError:
-                return None
-    return None
+def discover_stages(run_dir: str | Path) -> dict[str, str]:
+    """The stage directories a pipeline run holds, in pipeline order."""
+    run_dir = Path(run_dir)
+    return {name: str(run_dir / name) for name in ("pretrain", "sft", "sft_lora", "reward", "ppo", "ppo_ptx", "dpo")
+            if (run_dir / name).is_dir()}
 
 
 # --- the report ---------------------------------------------------------------------------------------
 
 def build_report(run_dir: str | Path, *, stages: dict[str, str], eval_result: dict[str, Any] | None,
-                 checkpoints: dict[str, str], prompts: Sequence[str], out_dir: str | Path | None = None,
-                 attention_text: str | None = None, attention_tokens: int = 40, max_new_tokens: int = 48,
-                 device: str = "auto") -> dict[str, Path]:
+                 eval_dir: str | Path | None = None, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Write ``report.md`` and ``report.html`` (default ``run_dir/report``); return their paths.
 
     ``stages``: stage name -> stage run directory, in pipeline order (pretrain, sft, reward, ppo,
-    ppo_ptx, dpo; any subset). ``eval_result``: what ``tinygpt evaluate`` returns (eval.json).
-    ``checkpoints``: name -> checkpoint (or stage directory) answering ``prompts`` side by side.
-    ``attention_text``: the text of the attention maps (default: a story of the world, seed 0), cut to
-    ``attention_tokens`` tokens.
+    ppo_ptx, dpo; any subset). ``eval_result``: what ``tinygpt evaluate`` wrote (eval.json) in
+    ``eval_dir`` (default ``run_dir/eval``), whose figures it references. It renders; it loads no model.
     """
     run_dir = Path(run_dir)
-    device = str(runtime.resolve_device(device))
+    eval_dir = Path(eval_dir) if eval_dir is not None else run_dir / "eval"
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -546,7 +510,8 @@ def build_report(run_dir: str | Path, *, stages: dict[str, str], eval_result: di
             "Held-out task accuracy on the world's test split" + (f" ({test_items} items)" if test_items else "")
             + f"; win rates against {baseline}'s answers on the same items (ties count half), judged by the "
             "noiseless simulated labeler and by the reward model, and answer rudeness, on answers sampled as "
-            "`tinygpt evaluate --win-temperature` says (greedy answers where it is 0); mean reward and KL are the last values the "
+            "`tinygpt evaluate --win-temperature` says (greedy answers where it is 0); mean reward and KL are the "
+            "last values the "
             "PPO stage logged (the reward of greedy answers to held-out prompts when it evaluated them); "
             "story scores from the oracle; '-' = not measured."))
         blocks.append(scores_table(rows, baseline))
@@ -565,6 +530,30 @@ def build_report(run_dir: str | Path, *, stages: dict[str, str], eval_result: di
         blocks += [Heading(3, "Task accuracy per family"),
                    Table(["model", *families], [[row.label, *[_cell(_get(per[row.name], f), 3) for f in families]]
                                                 for row in rows])]
+    wins = [(row.label, ((eval_result.get("checkpoints") or {}).get(row.name) or {}).get("win_rate") or {})
+            for row in rows]
+    if any(w for _, w in wins):
+        blocks += [Heading(3, f"Win rates against {baseline}, with 95% intervals"),
+                   Paragraph("Ties count half; the decided share leaves ties out. Several answers to one question "
+                             "are not independent, so the intervals are a little too narrow."),
+                   Table(["model", "judge", "win rate", "95% interval", "decided share", "95% interval", "W / L / T"],
+                         [[label, judge, *win_cells(w[key])] for label, w in wins
+                          for key, judge in (("labeler", "labeler"), ("reward_model", "reward model")) if w.get(key)])]
+    best_of = eval_result.get("best_of_n")
+    if best_of and best_of.get("rows"):
+        blocks += [Heading(2, "Best-of-n: what the reward model can tell apart"),
+                   Paragraph(f"Of n answers the baseline sampled at temperature {best_of.get('temperature')}, the one "
+                             "the reward model (or, as the ceiling any judge could reach with these samples, the "
+                             "noiseless labeler) scores highest; compared with the baseline's answers like every "
+                             "model. KL is the best-of-n bound log n - (n - 1)/n."),
+                   Table(["n", "picked by", "KL (nats)", "labeler win", "95% interval", "RM win", "utility",
+                          "task accuracy", "answer rudeness"],
+                         [[str(r["n"]), r["picked_by"], _cell(r.get("kl_bound"), 3),
+                           _cell(_get(r, "win_rate", "labeler", "win_rate"), 3),
+                           _interval(_get_list(r, "win_rate", "labeler", "ci95")),
+                           _cell(_get(r, "win_rate", "reward_model", "win_rate"), 3), _cell(r.get("utility"), 3),
+                           _cell(r.get("accuracy"), 3), _cell(r.get("answer_rudeness"), 3)]
+                          for r in best_of["rows"]])]
 
     # --- curves
     blocks.append(Heading(2, "Training curves"))
@@ -575,13 +564,13 @@ def build_report(run_dir: str | Path, *, stages: dict[str, str], eval_result: di
 
     # --- the same prompts
     blocks.append(Heading(2, "The same prompts, answered by every model"))
-    if prompts and checkpoints:
-        blocks.append(Paragraph("Greedy decoding; chat models through the chat template, a base model continues "
-                                "the prompt as plain text."))
-        answer_blocks, answer_notes = same_prompts(checkpoints, prompts, max_new_tokens=max_new_tokens, device=device)
+    answer_blocks, answer_notes = same_prompts(eval_result)
+    if answer_blocks:
+        blocks.append(Paragraph("Greedy decoding (`tinygpt evaluate --prompts`); chat models through the chat "
+                                "template, a base model continues the prompt as plain text."))
         blocks += answer_blocks + ([Bullets(answer_notes)] if answer_notes else [])
     else:
-        blocks.append(Paragraph("No prompts or no checkpoints were given."))
+        blocks.append(Paragraph("No prompts were answered in this evaluation (`tinygpt evaluate --prompts`)."))
 
     # --- contamination
     blocks.append(Heading(2, "Contamination (GPT-3 appendix C)"))
@@ -598,16 +587,11 @@ def build_report(run_dir: str | Path, *, stages: dict[str, str], eval_result: di
 
     # --- attention
     blocks.append(Heading(2, "Attention maps of the base model"))
-    base = _base_checkpoint(checkpoints, stages)
-    if base is None:
-        blocks.append(Paragraph("No base (pretraining) checkpoint was found, so no attention maps."))
+    if eval_result.get("attention"):
+        blocks += attention_section(eval_result["attention"], eval_dir, fig_dir, run_dir)
     else:
-        text = attention_text if attention_text is not None else generate_story(random.Random(0), rude_share=0.0).text
-        try:
-            blocks += attention_section(base, fig_dir, text=text, max_tokens=attention_tokens, device=device,
-                                        run_dir=run_dir)
-        except (CheckpointError, OSError, ValueError) as e:
-            blocks.append(Paragraph(f"Attention maps could not be drawn: {e}"))
+        blocks.append(Paragraph("No base (pretraining) checkpoint was evaluated with `--attention`, so no "
+                                "attention maps."))
 
     # --- write
     md_path, html_path = out / "report.md", out / "report.html"

@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 
-from tinygpt.data.chat import parse_meta
-from tinygpt.data.sources import DataError, is_dataset_dir, iter_records
+from tinygpt.data.conversations import parse_meta
+from tinygpt.data.sources import DataError, iter_records
 from tinygpt.generate import SamplingConfig, generate
 from tinygpt.model import GPT
 from tinygpt.tokenizer import Tokenizer
-from tinygpt.world.tasks import grade
+from tinygpt.world.tasks import DEFAULT_LONG_ANSWER_TOKENS, answer_budget, grade
 
 
 def _prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]], budget: int) -> list[int] | None:
@@ -54,27 +54,37 @@ def _prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]], budget: in
 
 @torch.no_grad()
 def complete(model: GPT, tokenizer: Tokenizer, conversations: Sequence[list[dict[str, Any]]], *,
-             max_new_tokens: int = 64, batch_size: int = 16) -> list[str | None]:
+             max_new_tokens: int | Sequence[int] = 64, batch_size: int = 16) -> list[str | None]:
     """Greedy assistant replies to each conversation (its last message is the user's); None where
-    even the last user turn does not fit in the context with room for one new token."""
+    even the last user turn does not fit in the context with room for one new token.
+
+    ``max_new_tokens`` is one budget for all, or one per conversation (``answer_budget`` of its
+    family): conversations of one budget are decoded together, shortest prompts first.
+    """
     block = model.cfg.block_size
+    budgets = ([max_new_tokens] * len(conversations) if isinstance(max_new_tokens, int) else list(max_new_tokens))
+    if len(budgets) != len(conversations):
+        raise ValueError(f"complete: {len(budgets)} budgets for {len(conversations)} conversations")
     prompts = [_prompt_ids(tokenizer, list(c), block - 1) for c in conversations]
     replies: list[str | None] = [None] * len(prompts)
-    order = sorted((i for i, p in enumerate(prompts) if p is not None), key=lambda i: len(prompts[i]))
-    for first in range(0, len(order), batch_size):
-        rows = order[first:first + batch_size]
-        batch = [prompts[i] for i in rows]
-        room = block - max(len(p) for p in batch)
-        cfg = SamplingConfig(temperature=0.0, max_new_tokens=min(max_new_tokens, room))
-        outputs = generate(model, batch, cfg, eos_id=tokenizer.eos_id, stop_sequences=[[tokenizer.end_id]])
-        for i, out in zip(rows, outputs):
-            replies[i] = tokenizer.decode(out, skip_special=True)
+    for budget in sorted(set(budgets)):
+        order = sorted((i for i, p in enumerate(prompts) if p is not None and budgets[i] == budget),
+                       key=lambda i: len(prompts[i]))
+        for first in range(0, len(order), batch_size):
+            rows = order[first:first + batch_size]
+            batch = [prompts[i] for i in rows]
+            room = block - max(len(p) for p in batch)
+            cfg = SamplingConfig(temperature=0.0, max_new_tokens=min(budget, room))
+            outputs = generate(model, batch, cfg, eos_id=tokenizer.eos_id, stop_sequences=[[tokenizer.end_id]])
+            for i, out in zip(rows, outputs):
+                replies[i] = tokenizer.decode(out, skip_special=True)
     return replies
 
 
-def answer(model: GPT, tokenizer: Tokenizer, instructions: Sequence[str], max_new_tokens: int = 64, *,
-           system: str | None = None, batch_size: int = 16) -> list[str]:
-    """Greedy answers to single-turn instructions ("" where the instruction does not fit the context)."""
+def answer(model: GPT, tokenizer: Tokenizer, instructions: Sequence[str], max_new_tokens: int | Sequence[int] = 64,
+           *, system: str | None = None, batch_size: int = 16) -> list[str]:
+    """Greedy answers to single-turn instructions ("" where the instruction does not fit the context);
+    ``max_new_tokens`` one budget, or one per instruction."""
     head = [{"role": "system", "content": system}] if system else []
     convs = [head + [{"role": "user", "content": text}] for text in instructions]
     return [r if r is not None else "" for r in complete(model, tokenizer, convs, max_new_tokens=max_new_tokens,
@@ -84,12 +94,7 @@ def answer(model: GPT, tokenizer: Tokenizer, instructions: Sequence[str], max_ne
 def load_task_records(path: str | Path) -> list[dict[str, Any]]:
     """Task or chat records from a JSONL file or a `datasets` directory (``meta`` parsed if it is a JSON string)."""
     path = Path(path)
-    if is_dataset_dir(path):
-        import datasets
-
-        rows = [(f"{path}: row {i}", dict(r)) for i, r in enumerate(datasets.load_from_disk(str(path)))]
-    else:
-        rows = list(iter_records(path))
+    rows = list(iter_records(path))  # JSONL, Parquet or a `datasets` directory
     records = []
     for where, record in rows:
         record = {**record, "meta": parse_meta(record.get("meta"))}
@@ -142,8 +147,13 @@ def _questions(record: dict[str, Any], where: str = "record") -> list[tuple[list
 
 
 def task_accuracy(model: GPT, tokenizer: Tokenizer, records: Iterable[dict[str, Any]], *,
-                  max_new_tokens: int = 64, batch_size: int = 16, keep_examples: int = 3) -> dict[str, Any]:
-    """Mean grade overall and per family, with counts and a few (question, prediction, score) examples."""
+                  max_new_tokens: int = 64, long_max_new_tokens: int = DEFAULT_LONG_ANSWER_TOKENS,
+                  batch_size: int = 16, keep_examples: int = 3) -> dict[str, Any]:
+    """Mean grade overall and per family, with counts and a few (question, prediction, score) examples.
+
+    Each answer gets its family's budget (``world.tasks.answer_budget``: ``long_max_new_tokens`` for a
+    story, ``max_new_tokens`` otherwise), as in `tinygpt evaluate`, rank and PPO.
+    """
     questions, families = [], []
     for n, record in enumerate(records):
         record = {**record, "meta": parse_meta(record.get("meta"))}
@@ -152,8 +162,9 @@ def task_accuracy(model: GPT, tokenizer: Tokenizer, records: Iterable[dict[str, 
             families.append(str(record.get("family") or meta.get("family")))
     if not questions:
         raise ValueError("task_accuracy: no records to grade")
-    replies = complete(model, tokenizer, [c for c, _ in questions], max_new_tokens=max_new_tokens,
-                       batch_size=batch_size)
+    budgets = [answer_budget(meta.get("family") or family, max_new_tokens, long_max_new_tokens)
+               for (_, meta), family in zip(questions, families)]
+    replies = complete(model, tokenizer, [c for c, _ in questions], max_new_tokens=budgets, batch_size=batch_size)
     per_family: dict[str, list[float]] = defaultdict(list)
     examples: dict[str, list[dict[str, Any]]] = defaultdict(list)
     too_long = 0

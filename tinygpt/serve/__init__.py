@@ -30,7 +30,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 @dataclass
 class ServeConfig:
-    checkpoint: str = opt("", "checkpoint to serve (a run directory such as runs/demo/ppo, or a checkpoint directory)")
+    checkpoint: str = opt("", "checkpoint to serve (a run directory such as runs/demo/ppo, or a checkpoint directory)",
+                          required=True)
     host: str = opt("127.0.0.1", "address to bind; anything but loopback is reachable from the network (warned without a key)")
     port: int = opt(8000, "TCP port (0: any free port, printed at start)")
     api_key: str = opt("", f"require 'Authorization: Bearer KEY' on /v1/* (empty: ${API_KEY_ENV}, else no key)")
@@ -59,13 +60,10 @@ class ServeConfig:
 def main(cfg: ServeConfig) -> dict:
     """Run the server until Ctrl-C / SIGTERM."""
     if not cfg.checkpoint:
-        raise SystemExit("tinygpt serve: give a checkpoint, e.g. tinygpt serve runs/demo/ppo")
-    from tinygpt.checkpoint import CheckpointError, resolve_checkpoint
+        raise ValueError("give a checkpoint, e.g. tinygpt serve runs/demo/ppo")
+    from tinygpt.checkpoint import resolve_checkpoint
 
-    try:
-        resolve_checkpoint(cfg.checkpoint)  # a typo fails here, not as a server that answers 503 forever
-    except CheckpointError as e:
-        raise SystemExit(f"tinygpt serve: {e}") from None
+    resolve_checkpoint(cfg.checkpoint)  # a typo fails here (one line from the CLI), not as a server stuck at 503
     try:
         import uvicorn
 
@@ -86,7 +84,7 @@ def main(cfg: ServeConfig) -> dict:
         sock.bind((cfg.host, cfg.port))
     except OSError as e:
         sock.close()
-        raise SystemExit(f"tinygpt serve: cannot bind {cfg.host}:{cfg.port}: {e.strerror}") from None
+        raise OSError(f"cannot bind {cfg.host}:{cfg.port}: {e.strerror}") from None
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"tinygpt serve: {cfg.checkpoint} on http://{shown}:{port}/  (chat page at /, OpenAI API at /v1, "

@@ -4,10 +4,10 @@ Per checkpoint (its kind comes from ``tinygpt.json``: stage ``pretrain`` is a *b
 other stage a *chat* model):
 
 * validation perplexity on a token shard directory (``--data``);
-* held-out Task 1 accuracy per family (``tasks/*_test.jsonl`` of the world): chat models answer
-  through the chat template (:func:`tinygpt.eval.tasks.answer`), base models with ``--shots``
-  GPT-3-style demonstrations from the train split (:mod:`tinygpt.eval.fewshot`); greedy, graded by
-  :func:`tinygpt.world.tasks.grade`;
+* held-out Task 1 accuracy per family (``tasks/*_test.jsonl`` of the world), answered by
+  :class:`tinygpt.eval.answerer.Answerer` (the one answerer, with each family's answer budget): chat
+  models through the chat template, base models with ``--shots`` GPT-3-style demonstrations from the
+  train split (:mod:`tinygpt.eval.fewshot`); greedy, graded by :func:`tinygpt.world.tasks.grade`;
 * the rudeness rate of those answers, and corpus BLEU of the ``summary`` answers;
 * pass@k (Codex's unbiased estimator) from ``--pass-n`` samples per item;
 * sampled stories graded by the oracle (grammar, consistency, novelty against the world's
@@ -16,21 +16,31 @@ other stage a *chat* model):
 * win rate of its greedy answers against ``--baseline``'s on the same items, judged by the
   noiseless simulated labeler (its utility) and by a reward model (``--reward``), ties half;
 
-and once per world, the 13-gram contamination of each evaluation set by the training files.
-Writes ``eval.json`` (everything), ``eval.md`` (the tables) and ``answers/NAME.jsonl`` (every
-greedy answer with its grade) into ``--out``.
+* greedy answers to ``--prompts`` (free-form instructions, side by side in the report);
+* with ``--best-of 1 4 16``, the baseline's best-of-n rows (:mod:`tinygpt.eval.best_of_n`): of n sampled
+  answers, the one the reward model (or, as a ceiling, the noiseless labeler) scores highest, compared
+  with the baseline like every model;
+
+and once per run, the 13-gram contamination of each evaluation set by the training files and the
+attention maps of the base checkpoint (``figures/attention.png``). Writes ``eval.json`` (everything),
+``eval.md`` (the tables) and ``answers/NAME.jsonl`` (every greedy answer with its grade) into ``--out``.
+The run report (``tinygpt report``) renders eval.json; it loads no model.
+
+    tinygpt evaluate --checkpoints base=runs/x/pretrain sft=runs/x/sft --world runs/x/world --out runs/x/eval
+    tinygpt evaluate ... --baseline sft --reward runs/x/reward --prompts "What is 3 plus 4?"
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import statistics
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -40,15 +50,18 @@ from tinygpt.config import opt
 from tinygpt.data.shards import TokenDataset
 from tinygpt.data.sources import iter_documents
 from tinygpt.eval import contamination as contamination_mod
-from tinygpt.eval.fewshot import complete_prompts, fewshot_answers, fewshot_prompts
+from tinygpt.eval.answerer import Answerer
+from tinygpt.eval.attention import attention_summary
+from tinygpt.eval.best_of_n import best_of_n, best_of_n_kl
+from tinygpt.eval.fewshot import complete_prompts
 from tinygpt.eval.metrics import bleu, mean_pass_at_k, perplexity, win_rate
 from tinygpt.eval.stories import sample_stories, summarize
-from tinygpt.eval.tasks import answer, load_task_records
-from tinygpt.model import GPT
+from tinygpt.eval.tasks import load_task_records
 from tinygpt.tokenizer import Tokenizer
 from tinygpt.world.labeler import Labeler
 from tinygpt.world.oracle import NoveltyIndex, is_rude, story_scores
-from tinygpt.world.tasks import DEFAULT_LONG_ANSWER_TOKENS, answer_budget, grade
+from tinygpt.world.stories import generate_story
+from tinygpt.world.tasks import DEFAULT_LONG_ANSWER_TOKENS, grade
 
 STORY_REQUEST = "Write a short story."
 
@@ -56,8 +69,8 @@ STORY_REQUEST = "Write a short story."
 @dataclass
 class EvaluateConfig:
     checkpoints: list[str] = opt([], "checkpoints to evaluate, each NAME=PATH or PATH "
-                                     "(a run directory means its latest checkpoint)")
-    world: str = opt("", "world directory written by `tinygpt world` (tasks/*_test.jsonl, pretrain.jsonl, ...)")
+                                     "(a run directory means its latest checkpoint)", required=True)
+    world: str = opt("", "world directory written by `tinygpt world` (tasks/*_test.jsonl, pretrain.jsonl, ...)", required=True)
     data: str = opt("", "token shard directory (`tinygpt prepare`) for validation perplexity; '' skips it")
     out: str = opt("runs/eval", "directory for eval.json, eval.md and answers/")
     max_items: int = opt(0, "test items per task family (0 = all of them)")
@@ -78,7 +91,14 @@ class EvaluateConfig:
                                       "gets them (0 = the greedy task answers)")
     win_samples: int = opt(2, "answers sampled per test item and model for the win rates (with --win-temperature > 0)")
     reward: str = opt("", "reward model checkpoint, a second judge of the win rates; '' = labeler only")
+    best_of: list[int] = opt([], "best-of-n rows for the baseline, e.g. 1 4 16: of n answers sampled at "
+                                 "--win-temperature, the one the reward model (and, as a ceiling, the noiseless "
+                                 "labeler) scores highest, compared with the baseline like every model; [] = off")
     contamination: bool = opt(True, "report the 13-gram overlap of each evaluation set with the training files")
+    prompts: list[str] = opt([], "free-form instructions every checkpoint answers greedily (the report's side-by-side "
+                                 "table; chat models through the template, a base model continues the text)")
+    attention: bool = opt(True, "draw the attention maps of the base (pretrain) checkpoint on a story of the world")
+    attention_tokens: int = opt(40, "tokens of that story the attention maps show")
     judge_url: str = opt("", "OpenAI-compatible endpoint (e.g. https://api.openai.com/v1) to grade the stories; '' = off")
     judge_model: str = opt("", "model name sent to the judge endpoint")
     judge_key_env: str = opt("OPENAI_API_KEY", "environment variable that holds the judge's API key")
@@ -132,63 +152,6 @@ def load_world_tasks(world: Path, max_items: int) -> tuple[list[dict], list[dict
     return test, train
 
 
-class Answerer:
-    """Greedy answers and sampled completions of one checkpoint, in its own format (chat or few-shot)."""
-
-    def __init__(self, model: GPT, tokenizer: Tokenizer, kind: str, train_records: list[dict], cfg: EvaluateConfig):
-        self.model, self.tok, self.kind, self.train, self.cfg = model, tokenizer, kind, train_records, cfg
-
-    def _by_family(self, records: list[dict]) -> Iterator[tuple[list[int], int]]:
-        """(row indices, answer token budget) per family: stories get the long budget (``tasks.answer_budget``)."""
-        by_family: dict[str, list[int]] = defaultdict(list)
-        for i, r in enumerate(records):
-            by_family[r["family"]].append(i)
-        long_budget = self.cfg.long_max_new_tokens or self.model.cfg.block_size
-        for family, rows in by_family.items():
-            yield rows, answer_budget(family, self.cfg.max_new_tokens, long_budget)
-
-    def greedy(self, records: list[dict]) -> list[str]:
-        """One greedy answer per record ('' where the question does not fit the context)."""
-        answers: list[str] = [""] * len(records)
-        for rows, max_new in self._by_family(records):
-            subset = [records[i] for i in rows]
-            if self.kind == "chat":
-                got: list[str | None] = list(answer(self.model, self.tok, [r["instruction"] for r in subset],
-                                                    max_new, batch_size=self.cfg.batch_size))
-            else:
-                got, _ = fewshot_answers(self.model, self.tok, subset, self.train, self.cfg.shots,
-                                         max_new_tokens=max_new, batch_size=self.cfg.batch_size, seed=self.cfg.seed)
-            for i, a in zip(rows, got):
-                answers[i] = a or ""
-        return answers
-
-    def sampled_answers(self, records: list[dict], n: int, temperature: float) -> list[list[str]]:
-        """``n`` sampled answers per record, with the same token budgets as :meth:`greedy` ('' where it does not fit)."""
-        answers: list[list[str]] = [[""] * n for _ in records]
-        for rows, max_new in self._by_family(records):
-            got = self.sample([records[i] for i in rows], n, temperature, max_new)
-            for i, outs in zip(rows, got):
-                answers[i] = [a or "" for a in outs]
-        return answers
-
-    def prompts(self, instructions: list[str], records: list[dict] | None = None) -> list[list[int] | None]:
-        budget = self.model.cfg.block_size - 1
-        if self.kind == "base":
-            assert records is not None
-            return fewshot_prompts(self.tok, records, self.train, self.cfg.shots, budget, self.cfg.seed)[0]
-        prompts = []
-        for text in instructions:
-            ids, _ = self.tok.render_chat([{"role": "user", "content": text}], add_generation_prompt=True)
-            prompts.append(ids if len(ids) <= budget else None)
-        return prompts
-
-    def sample(self, records: list[dict], n: int, temperature: float, max_new_tokens: int) -> list[list[str]]:
-        prompts = self.prompts([r["instruction"] for r in records], records)
-        return complete_prompts(self.model, self.tok, prompts, stop="newline" if self.kind == "base" else "end",
-                                n=n, temperature=temperature, seed=self.cfg.seed, max_new_tokens=max_new_tokens,
-                                batch_size=self.cfg.batch_size)
-
-
 # --- metrics of one checkpoint ----------------------------------------------------------------------------
 
 def task_scores(records: list[dict], answers: list[str]) -> dict[str, Any]:
@@ -214,7 +177,7 @@ def pass_at_k_scores(answerer: Answerer, records: list[dict], cfg: EvaluateConfi
         if len(by_family[r["family"]]) < cfg.pass_items:
             by_family[r["family"]].append(r)
     chosen = [r for rs in by_family.values() for r in rs]
-    samples = answerer.sample(chosen, cfg.pass_n, cfg.pass_temperature, cfg.max_new_tokens)
+    samples = answerer.sampled_answers(chosen, cfg.pass_n, cfg.pass_temperature)  # each family's answer budget
     correct: dict[str, list[list[bool]]] = defaultdict(list)
     for r, outs in zip(chosen, samples):
         correct[r["family"]].append([grade(r, s) >= 1.0 for s in outs])
@@ -256,6 +219,21 @@ def sampled_scores(records: list[dict], samples: list[list[str]], temperature: f
             "utility": statistics.fmean(labeler.utility(r, a) for r, a in flat)}
 
 
+def rm_scores(reward: tuple, records: list[dict], answers: list[str]) -> list[float | None]:
+    """The reward model's score of each answer to its record's question (None where it does not fit)."""
+    from tinygpt.reward_model import render_prompt_response, score
+
+    rm, rm_tok, shift = reward
+    seqs = [render_prompt_response(rm_tok, [{"role": "user", "content": r["instruction"]}], a)
+            for r, a in zip(records, answers)]
+    fits = [i for i, s in enumerate(seqs) if len(s) <= rm.cfg.block_size]
+    got = score(rm, [seqs[i] for i in fits], shift=shift).tolist() if fits else []
+    out: list[float | None] = [None] * len(seqs)
+    for i, s in zip(fits, got):
+        out[i] = s
+    return out
+
+
 def win_rates(cand: list[str], base: list[str], records: list[dict], reward: tuple | None) -> dict[str, Any]:
     """Candidate vs baseline answers, judged by the noiseless labeler and (optionally) by the reward model.
 
@@ -264,22 +242,40 @@ def win_rates(cand: list[str], base: list[str], records: list[dict], reward: tup
     out: dict[str, Any] = {"labeler": win_rate([labeler.utility(r, a) for r, a in zip(records, cand)],
                                                [labeler.utility(r, b) for r, b in zip(records, base)])}
     if reward is not None:
-        from tinygpt.rewards import render_prompt_response, score
-
-        rm, rm_tok, shift = reward
-        pairs = []
-        for r, a, b in zip(records, cand, base):
-            prompt = [{"role": "user", "content": r["instruction"]}]
-            ids_a, ids_b = render_prompt_response(rm_tok, prompt, a), render_prompt_response(rm_tok, prompt, b)
-            if max(len(ids_a), len(ids_b)) <= rm.cfg.block_size:
-                pairs.append((ids_a, ids_b))
+        sa, sb = rm_scores(reward, records, cand), rm_scores(reward, records, base)
+        pairs = [(a, b) for a, b in zip(sa, sb) if a is not None and b is not None]
         if pairs:
-            sa = score(rm, [p[0] for p in pairs], shift=shift).tolist()
-            sb = score(rm, [p[1] for p in pairs], shift=shift).tolist()
-            out["reward_model"] = {**win_rate(sa, sb), "skipped_too_long": len(records) - len(pairs)}
+            out["reward_model"] = {**win_rate([a for a, _ in pairs], [b for _, b in pairs]),
+                                   "skipped_too_long": len(records) - len(pairs)}
         else:
             out["reward_model"] = {"win_rate": None, "n": 0, "skipped_too_long": len(records)}
     return out
+
+
+def best_of_n_rows(answerer: Answerer, records: list[dict], win_records: list[dict], baseline_answers: list[str],
+                   reward: tuple | None, cfg: EvaluateConfig) -> dict[str, Any]:
+    """The baseline's best-of-n for each n of ``--best-of``, picked by the noiseless labeler and by the
+    reward model, each compared with the baseline's own sampled answers as the other rows are."""
+    n_max = max(cfg.best_of)
+    samples = answerer.sampled_answers(records, n_max, cfg.win_temperature)  # (items, n_max)
+    labeler = Labeler(noise=0.0)
+    judges = {"labeler": [[labeler.utility(r, a) for a in outs] for r, outs in zip(records, samples)]}
+    if reward is not None:
+        flat = rm_scores(reward, [r for r in records for _ in range(n_max)], [a for outs in samples for a in outs])
+        flat = [s if s is not None else float("-inf") for s in flat]  # an answer the RM cannot read is never picked
+        judges["reward model"] = [flat[i * n_max:(i + 1) * n_max] for i in range(len(records))]
+    repeats = len(win_records) // len(records)
+    rows = []
+    for n in sorted(set(cfg.best_of)):
+        for judge, scores in judges.items():
+            chosen = [samples[i][j] for i, j in enumerate(best_of_n(scores, n))]
+            compared = [a for a in chosen for _ in range(repeats)]  # in win_records order
+            rows.append({"n": n, "picked_by": judge, "kl_bound": best_of_n_kl(n),
+                         "accuracy": statistics.fmean(grade(r, a) for r, a in zip(records, chosen)),
+                         "utility": statistics.fmean(labeler.utility(r, a) for r, a in zip(records, chosen)),
+                         "answer_rudeness": sum(is_rude(a) for a in chosen) / len(chosen),
+                         "win_rate": win_rates(compared, baseline_answers, win_records, reward)})
+    return {"temperature": cfg.win_temperature, "samples": n_max, "rows": rows}
 
 
 # --- writing ------------------------------------------------------------------------------------------
@@ -345,6 +341,9 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     if cfg.win_temperature < 0 or (cfg.win_temperature > 0 and cfg.win_samples < 1):
         raise ValueError(f"--win-temperature must be >= 0 (got {cfg.win_temperature}) and --win-samples >= 1 "
                          f"(got {cfg.win_samples})")
+    if cfg.best_of and (not cfg.baseline or cfg.win_temperature <= 0 or min(cfg.best_of) < 1):
+        raise ValueError(f"--best-of {cfg.best_of} needs values >= 1, a --baseline to sample from and "
+                         f"--win-temperature > 0 (got {cfg.win_temperature!r}, baseline {cfg.baseline!r})")
     if cfg.judge_url and not cfg.judge_model:
         raise ValueError("--judge-url needs --judge-model (the model name the endpoint serves)")
     world, out = Path(cfg.world), Path(cfg.out)
@@ -364,15 +363,16 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         judge = StoryJudge(cfg.judge_url, cfg.judge_model, key_env=cfg.judge_key_env, cache=out / "judge_cache.jsonl")
     reward = None
     if cfg.reward:
-        from tinygpt.rewards import load_reward_model
+        from tinygpt.reward_model import load_reward_model
 
         reward = load_reward_model(cfg.reward, device)
 
     def load(ckpt: Path) -> Answerer:
         model, _ = load_model(ckpt, device=device)
         model.eval()
-        return Answerer(model, Tokenizer.from_str(load_tokenizer_json(ckpt)), checkpoint_kind(ckpt),
-                        train_records, cfg)
+        return Answerer(model, Tokenizer.from_str(load_tokenizer_json(ckpt)), checkpoint_kind(ckpt), train_records,
+                        max_new_tokens=cfg.max_new_tokens, long_max_new_tokens=cfg.long_max_new_tokens,
+                        shots=cfg.shots, batch_size=cfg.batch_size, seed=cfg.seed)
 
     sampled = cfg.win_temperature > 0
     # the win rates compare answers to the same questions: each test record once per sampled answer
@@ -380,6 +380,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
 
     baseline_answers = None
     base_ckpt = None
+    best_of = None
     if cfg.baseline:
         base_ckpt = checkpoints[cfg.baseline] if cfg.baseline in checkpoints else resolve_checkpoint(cfg.baseline)
         if base_ckpt not in checkpoints.values():
@@ -389,10 +390,14 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
                 baseline_answers = [a for outs in grouped for a in outs]
             else:
                 baseline_answers = base_answerer.greedy(test_records)
+            if cfg.best_of:
+                best_of = {"checkpoint": str(base_ckpt), **best_of_n_rows(base_answerer, test_records, win_records,
+                                                                          baseline_answers, reward, cfg)}
             del base_answerer
 
     # --- each checkpoint
     results: dict[str, dict[str, Any]] = {}
+    attention: dict[str, Any] | None = None
     bar = tqdm(checkpoints.items(), desc="evaluate", unit="ckpt", disable=not cfg.progress)
     for name, ckpt in bar:
         started = time.time()
@@ -414,6 +419,14 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
             for r, a in zip(test_records, answers):
                 f.write(json.dumps({"family": r["family"], "index": r.get("index"), "instruction": r["instruction"],
                                     "gold": r["answer"], "answer": a, "score": grade(r, a)}) + "\n")
+        if cfg.prompts:
+            result["same_prompts"] = answerer.free(cfg.prompts)
+        if cfg.attention and answerer.kind == "base" and attention is None:
+            bar.set_postfix_str(f"{name}: attention maps")
+            story = generate_story(random.Random(0), rude_share=0.0).text
+            attention = {"checkpoint": str(ckpt), **attention_summary(answerer.model, answerer.tok, story,
+                                                                     cfg.attention_tokens, out / "figures" / "attention.png")}
+            attention["figure"] = str(Path(attention["figure"]).relative_to(out))
         if cfg.pass_n > 0:
             bar.set_postfix_str(f"{name}: pass@k")
             result["pass_at_k"] = pass_at_k_scores(answerer, test_records, cfg)
@@ -438,6 +451,10 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
                 baseline_answers = compared
             if baseline_answers is not None:
                 result["win_rate"] = win_rates(compared, baseline_answers, win_records, reward)
+            if cfg.best_of and ckpt == base_ckpt:
+                bar.set_postfix_str(f"{name}: best-of-{max(cfg.best_of)}")
+                best_of = {"checkpoint": str(ckpt), "name": name,
+                           **best_of_n_rows(answerer, test_records, win_records, baseline_answers, reward, cfg)}
         result["seconds"] = round(time.time() - started, 1)
         results[name] = result
         del answerer
@@ -456,7 +473,13 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
 
     # --- write
     summary = {"config": asdict(cfg), "checkpoints": results, "contamination": report,
-               "test_items": len(test_records)}
+               "test_items": len(test_records), "attention": attention, "best_of_n": best_of}
     (out / "eval.json").write_text(json.dumps(_finite(summary), indent=2) + "\n")
     (out / "eval.md").write_text(markdown_report(results, report, cfg))
+    for name, r in results.items():
+        print(f"evaluate: {name}: task accuracy {r['tasks']['accuracy']:.3f}"
+              + (f", perplexity {r['perplexity']['perplexity']:.2f}" if "perplexity" in r else "")
+              + (f", win rate vs baseline {r['win_rate']['labeler']['win_rate']:.3f}" if "win_rate" in r else ""))
+    print(f"evaluate: {len(results)} checkpoint(s) on {len(test_records)} test items: {out / 'eval.json'}, "
+          f"{out / 'eval.md'}, answers in {out / 'answers'}")
     return summary

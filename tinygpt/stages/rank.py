@@ -21,7 +21,8 @@ model's held-out accuracy is measured on prompts it never saw.
 
     tinygpt rank --policy runs/x/sft --prompts runs/x/world/rl_prompts.jsonl --out runs/x/rank --k 4
 
-Uses: checkpoint, generate, tokenizer, world.labeler, data.sources, data.preferences.ranking_to_pairs.
+Uses: checkpoint, generate, tokenizer, world.labeler, data.prompts (the prompt reader PPO shares),
+data.preferences.ranking_to_pairs.
 It does not train anything.
 """
 
@@ -40,8 +41,9 @@ from tqdm.auto import tqdm
 from tinygpt import runtime
 from tinygpt.checkpoint import CheckpointError, load_model, load_tokenizer_json
 from tinygpt.config import opt, save_config
-from tinygpt.data.preferences import parse_prompt, ranking_to_pairs
-from tinygpt.data.sources import DataError, iter_records
+from tinygpt.data.preferences import ranking_to_pairs
+from tinygpt.data.prompts import read_prompts
+from tinygpt.data.sources import DataError
 from tinygpt.generate import SamplingConfig, generate
 from tinygpt.tokenizer import Tokenizer
 from tinygpt.world.export import write_jsonl
@@ -52,9 +54,9 @@ from tinygpt.world.tasks import DEFAULT_LONG_ANSWER_TOKENS, answer_budget
 
 @dataclass
 class RankConfig:
-    policy: str = opt("", "SFT checkpoint that samples the K answers (a run directory or checkpoint directory)")
+    policy: str = opt("", "SFT checkpoint that samples the K answers (a run directory or checkpoint directory)", required=True)
     prompts: str = opt("", "prompts JSONL {\"prompt\": [messages] or text, \"meta\": {family, gold/spec, ...}} "
-                           "(the world's rl_prompts.jsonl)")
+                           "(the world's rl_prompts.jsonl)", required=True)
     out: str = opt("runs/rank", "output directory: rankings.jsonl, pairs.jsonl, their _val twins, summary.json")
     k: int = opt(4, "completions sampled and ranked per prompt (InstructGPT: 4 to 9)")
     n_prompts: int = opt(0, "prompts to use, from the start of the file (0 = all)")
@@ -76,39 +78,6 @@ class RankConfig:
     batch_size: int = opt(64, "sequences sampled at once (prompts x K)")
     device: str = opt("auto", "auto, cpu, cuda or mps")
     progress: bool = opt(True, "show a progress bar")
-
-
-def _prompt_meta(record: dict[str, Any], where: str) -> dict[str, Any]:
-    """What the labeler grades with: the record's ``meta`` (holding ``family``), or the record itself."""
-    meta = record.get("meta")
-    if isinstance(meta, str):  # `datasets` exports store meta as a JSON string
-        try:
-            meta = json.loads(meta)
-        except json.JSONDecodeError:
-            raise DataError(f"{where}: field 'meta' is a string but not JSON") from None
-    if isinstance(meta, dict) and "family" in meta:
-        return meta
-    if "family" in record and isinstance(meta, dict):
-        return {"family": record["family"], **meta}
-    raise DataError(f"{where}: field 'meta' must be an object with the task's 'family' (and 'gold' or 'spec'), "
-                    f"so the labeler can grade answers; got {type(meta).__name__}")
-
-
-def read_prompts(path: str, limit: int) -> list[tuple[str, list[dict[str, Any]], dict[str, Any], dict[str, Any]]]:
-    """(where, prompt messages, grading meta, record) per line, at most ``limit`` (0 = all)."""
-    out = []
-    for where, record in iter_records(path):
-        if "prompt" not in record:
-            raise DataError(f"{where}: missing field 'prompt' (fields present: {sorted(record)})")
-        prompt = parse_prompt(record["prompt"], where)
-        if prompt[-1]["role"] == "assistant":
-            raise DataError(f"{where}: field 'prompt' ends with an assistant message; it must end with the user's turn")
-        out.append((where, prompt, _prompt_meta(record, where), record))
-        if limit and len(out) >= limit:
-            break
-    if not out:
-        raise DataError(f"{path}: no prompts")
-    return out
 
 
 def val_mask(n: int, fraction: float, seed: int) -> np.ndarray:
@@ -135,7 +104,6 @@ def main(cfg: RankConfig) -> dict[str, Any]:
         raise ValueError("--batch-size must be >= 1 and --n-prompts >= 0")
     device = runtime.resolve_device(cfg.device)
     out = Path(cfg.out)
-    save_config(cfg, out / "resolved_config.json")
 
     # --- model and data ------------------------------------------------------------------------
     model, mcfg = load_model(cfg.policy, device=device)
@@ -143,7 +111,8 @@ def main(cfg: RankConfig) -> dict[str, Any]:
     tokenizer = Tokenizer.from_str(load_tokenizer_json(cfg.policy))
     if tokenizer.vocab_size != mcfg.vocab_size:
         raise CheckpointError(f"{cfg.policy}: tokenizer has {tokenizer.vocab_size} tokens, model {mcfg.vocab_size}")
-    prompts = read_prompts(cfg.prompts, cfg.n_prompts)
+    prompts = [(p.where, p.messages, p.meta, p.record)
+               for p in read_prompts(cfg.prompts, cfg.n_prompts, require_meta=True)]
     rendered = [tokenizer.render_chat(p, add_generation_prompt=True)[0] for _, p, _, _ in prompts]
     long_budget = cfg.long_max_new_tokens or cfg.max_new_tokens
     if mcfg.block_size - cfg.max_new_tokens < 2:
@@ -154,6 +123,7 @@ def main(cfg: RankConfig) -> dict[str, Any]:
     if not usable:
         raise DataError(f"{cfg.prompts}: no prompt leaves room for its answer in block_size {mcfg.block_size} "
                         f"({cfg.max_new_tokens} tokens, {long_budget} for a story)")
+    save_config(cfg, out / "resolved_config.json")  # the inputs are read: now the run directory
     is_val = val_mask(len(usable), cfg.val_fraction, cfg.seed)
     tie_margin = cfg.tie_margin if cfg.tie_margin >= 0 else None
     grader = Labeler(0.0, tie_margin=tie_margin, partial_credit=cfg.partial_credit)  # the noise-free scores

@@ -2,7 +2,7 @@
 
 Reads top to bottom: config, data, model, optimizer, (resume), loop, save. The model is the SFT
 checkpoint with a fresh ``scalar_head`` (``load_model(init, config_overrides={"scalar_head": True})``);
-the reward of a conversation is the head on its last token (``rewards.LastTokenReward``). The loss
+the reward of a conversation is the head on its last token (``reward_model.LastTokenReward``). The loss
 is ``losses.pairwise_loss`` (Bradley-Terry) over all K-choose-2 pairs of each prompt, each prompt
 counting once (InstructGPT eq. 1): a batch is ``--batch-size`` prompts with every pair of each, and
 each completion is scored once. The batch at step s is a pure function of (seed, s), so resuming
@@ -17,89 +17,67 @@ noise allows.
 
 At every save the rewards are shifted so the SFT demonstrations (``--demonstrations``) score 0 on
 average; the shift is stored as ``reward_shift`` in the checkpoint's ``tinygpt.json`` and
-``rewards.load_reward_model`` / ``rewards.score`` apply it.
+``reward_model.load_reward_model`` / ``reward_model.score`` apply it.
 
     tinygpt reward --init runs/x/sft --rankings runs/x/rank/rankings.jsonl \\
         --val-rankings runs/x/rank/rankings_val.jsonl --demonstrations runs/x/world/sft_train.jsonl --out runs/x/reward
 
-Uses: losses.pairwise_loss, rewards, optim, checkpoint, data.preferences. It does not know how the
+Uses: training (the skeleton), losses.pairwise_loss, reward_model, data.preferences. It does not know how the
 rankings were made, nor about PPO.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm.auto import tqdm
 
-from tinygpt import runtime
-from tinygpt.checkpoint import (CheckpointError, capture_rng_state, latest_checkpoint, load_meta, load_model,
-                                load_tokenizer_json, resume_training, save_training_checkpoint)
-from tinygpt.config import opt, save_config, to_jsonable
+from tinygpt import runtime, training
+from tinygpt.checkpoint import load_meta
+from tinygpt.config import opt
 from tinygpt.data.preferences import PreferenceDataset, held_out_preferences
 from tinygpt.data.sources import DataError, iter_records, require_field
+from tinygpt.eval.metrics import wilson_interval
 from tinygpt.losses import pairwise_loss, preference_accuracy
-from tinygpt.metrics import MetricsWriter, plot_curves, read_metrics
-from tinygpt.optim import lr_at, make_optimizer, set_lr
-from tinygpt.rewards import REWARD_SHIFT_KEY, LastTokenReward, score
+from tinygpt.reward_model import REWARD_SHIFT_KEY, LastTokenReward, score
 from tinygpt.tokenizer import Tokenizer, validate_messages
 from tinygpt.runtime import TrainingDiverged  # noqa: F401 (re-exported for callers)
 
 
 @dataclass
-class RewardConfig:
-    init: str = opt("", "SFT checkpoint to start from (a run directory or checkpoint directory); a scalar head is added")
+class RewardConfig(training.PreferenceConfig):
+    init: str = opt("", "SFT checkpoint to start from (a run directory or checkpoint directory); a scalar head is added",
+                    required=True)
     rankings: str = opt("", "training preferences: rankings {prompt, completions, ranking} and/or pairs "
-                            "{prompt, chosen, rejected} JSONL (from `tinygpt rank`, or a person's labels)")
+                            "{prompt, chosen, rejected} JSONL (from `tinygpt rank`, or a person's labels)", required=True)
     val_rankings: str = opt("", "held-out preferences in the same format (empty: no validation)")
     demonstrations: str = opt("", "SFT chats {\"messages\": [...]} JSONL: rewards are shifted so they average 0 "
                                   "(empty: no shift)")
     out: str = opt("runs/reward", "run directory: checkpoints/, metrics.jsonl, loss.png, resolved_config.json")
-    skip_bad: bool = opt(False, "skip (and count) malformed records instead of stopping at the first one")
-    # optimisation
-    batch_size: int = opt(8, "prompts per micro-batch on each rank (each with all K-choose-2 pairs of its ranking)")
-    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
-    max_steps: int = opt(0, "optimizer steps in the whole run; 0 = derive from --epochs")
-    epochs: float = opt(1.0, "passes over the prompts when --max-steps is 0 (InstructGPT: 1; more overfits)")
-    lr: float = opt(1e-4, "peak learning rate")
-    min_lr: float = opt(1e-5, "learning rate at the end of the cosine decay")
-    warmup_steps: int = opt(10, "linear warmup steps")
-    weight_decay: float = opt(0.0, "AdamW weight decay on matrices")
-    beta1: float = opt(0.9, "AdamW beta1")
-    beta2: float = opt(0.95, "AdamW beta2")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
-    # bookkeeping
-    eval_every: int = opt(50, "steps between validation evaluations")
-    eval_batch_size: int = opt(16, "prompts per validation batch")
     shift_samples: int = opt(512, "demonstrations scored to compute the reward shift (0 = all)")
-    log_every: int = opt(10, "steps between metrics.jsonl records")
-    save_every: int = opt(200, "steps between checkpoints (one is always written at the end)")
-    keep_last: int = opt(2, "checkpoints kept in OUT/checkpoints")
+    # the shared fields (training.PreferenceConfig) with the reward model's defaults
+    epochs: float = opt(1.0, "passes over the prompts when --max-steps is 0 (InstructGPT: 1; more overfits)")
+    eval_every: int = opt(50, "steps between validation evaluations")
     seed: int = opt(1337, "seed for the data order and the scalar head's initialisation")
-    device: str = opt("auto", "auto, cpu, cuda or mps")
-    dtype: str = opt("auto", "autocast dtype: auto, float32 or bfloat16 (weights stay float32)")
-    resume: bool = opt(False, "continue from OUT's latest checkpoint exactly; an error if there is none")
-    stop_after: int = opt(0, "stop (with a checkpoint) after this many steps of this invocation; 0 = run to the end")
-    progress: bool = opt(True, "show a progress bar")
 
 
 def evaluate(reward_model: torch.nn.Module, data: PreferenceDataset, batch_size: int, device: torch.device,
-             dtype: torch.dtype) -> dict[str, float]:
-    """Validation loss (each prompt once), pair accuracy vs the labels, and vs the noise-free utility order."""
+             dtype: torch.dtype) -> dict[str, Any]:
+    """Validation loss (each prompt once), pair accuracy vs the labels, and vs the noise-free utility order:
+    the headline (InstructGPT's labels are noisy; the oracle's order is what a reward model should learn),
+    with its 95% interval and per family (the ``family`` of the rankings)."""
     was_training = reward_model.training
     reward_model.eval()
     loss_sum = acc_sum = 0.0
     n_prompts = n_pairs = 0
-    oracle_hits, oracle_pairs = 0.0, 0
+    oracle_scores: list[float] = []
+    by_family: dict[str, list[float]] = {}
     with torch.inference_mode(), runtime.autocast(device, dtype):
-        for batch in data.eval_batches(batch_size):
+        for b, batch in enumerate(data.eval_batches(batch_size)):
+            families = [str(g.info.get("family", "-")) for g in data.groups[b * batch_size:(b + 1) * batch_size]]
             batch = batch.to(device)
             rewards = reward_model(batch.ids, batch.lengths)  # (N,)
             r_c, r_r = rewards[batch.chosen], rewards[batch.rejected]  # (P,)
@@ -110,12 +88,19 @@ def evaluate(reward_model: torch.nn.Module, data: PreferenceDataset, batch_size:
             n_pairs += batch.num_pairs
             u_c, u_r = batch.utilities[batch.chosen], batch.utilities[batch.rejected]
             strict = torch.isfinite(u_c) & torch.isfinite(u_r) & (u_c != u_r)
-            oracle_hits += preference_accuracy(torch.where(u_c > u_r, r_c, r_r), torch.where(u_c > u_r, r_r, r_c))[strict].sum().item()
-            oracle_pairs += int(strict.sum())
+            right = preference_accuracy(torch.where(u_c > u_r, r_c, r_r), torch.where(u_c > u_r, r_r, r_c))
+            for score, group in zip(right[strict].tolist(), batch.group[strict].tolist()):
+                oracle_scores.append(score)
+                by_family.setdefault(families[group], []).append(score)
     reward_model.train(was_training)
-    out = {"val_loss": loss_sum / n_prompts, "val_accuracy": acc_sum / n_pairs}
-    if oracle_pairs:
-        out["val_accuracy_vs_oracle"] = oracle_hits / oracle_pairs
+    out: dict[str, Any] = {"val_loss": loss_sum / n_prompts, "val_accuracy": acc_sum / n_pairs}
+    if oracle_scores:
+        out["val_accuracy_vs_oracle"] = sum(oracle_scores) / len(oracle_scores)
+        out["val_accuracy_vs_oracle_ci95"] = wilson_interval(sum(oracle_scores), len(oracle_scores))
+        out["val_oracle_pairs"] = len(oracle_scores)
+        out["val_accuracy_vs_oracle_per_family"] = {
+            f: {"accuracy": sum(s) / len(s), "ci95": wilson_interval(sum(s), len(s)), "pairs": len(s)}
+            for f, s in sorted(by_family.items())}
     return out
 
 
@@ -147,23 +132,15 @@ def read_demonstrations(path: str, tokenizer: Tokenizer, block_size: int, limit:
 
 def main(cfg: RewardConfig) -> dict[str, Any]:
     # --- setup -----------------------------------------------------------------------------
-    dist_info, device = runtime.init_distributed(cfg.device)
-    dtype = runtime.resolve_dtype(cfg.dtype, device)
-    out = Path(cfg.out)
     if not cfg.init:
         raise ValueError("--init is required: the SFT checkpoint the reward model starts from (e.g. runs/x/sft)")
     if not cfg.rankings:
         raise ValueError("--rankings is required: preference JSONL (e.g. runs/x/rank/rankings.jsonl from `tinygpt rank`)")
-    if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.max_steps < 0 or cfg.eval_batch_size < 1:
-        raise ValueError("--batch-size, --grad-accum and --eval-batch-size must be >= 1; --max-steps >= 0")
+    run = training.setup(cfg, "reward")  # seeds the fresh scalar head's initialisation
+    device, dtype, dist_info = run.device, run.dtype, run.dist
 
     # --- model and tokenizer -----------------------------------------------------------------
-    runtime.seed_everything(cfg.seed)  # the fresh scalar head's initialisation
-    gpt, mcfg = load_model(cfg.init, device=device, config_overrides={"scalar_head": True})
-    tokenizer = Tokenizer.from_str(load_tokenizer_json(cfg.init))
-    if tokenizer.vocab_size != mcfg.vocab_size:
-        raise CheckpointError(f"{cfg.init}: tokenizer has {tokenizer.vocab_size} tokens, model {mcfg.vocab_size}")
-    init_meta = load_meta(cfg.init)
+    gpt, mcfg, tokenizer, init_meta = training.load_init(run, cfg.init, {"scalar_head": True})
     reward_model = LastTokenReward(gpt)
 
     # --- data ------------------------------------------------------------------------------
@@ -174,30 +151,20 @@ def main(cfg: RewardConfig) -> dict[str, Any]:
     demos, demos_too_long = (read_demonstrations(cfg.demonstrations, tokenizer, mcfg.block_size, cfg.shift_samples)
                              if cfg.demonstrations else ([], 0))
     per_step = cfg.batch_size * cfg.grad_accum * dist_info.world_size
-    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train) / per_step))
-    optimizer = make_optimizer(gpt, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+    max_steps = training.epoch_steps(cfg, len(train), per_step)
 
-    # --- resume ----------------------------------------------------------------------------
-    start_step = 0
-    if cfg.resume:
-        state = resume_training(out, gpt, optimizer, device=device, world_size=dist_info.world_size,
-                                verbose=dist_info.is_main)
-        start_step = int(state["step"])
-    if dist_info.is_main:
-        save_config(cfg, out / "resolved_config.json")
-
-    train_model: torch.nn.Module = reward_model
-    if dist_info.enabled:
-        train_model = DDP(reward_model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    metrics = MetricsWriter(out, resume_step=start_step if cfg.resume else None, enabled=dist_info.is_main)
-    if dist_info.is_main:
+    # --- optimizer, (resume) -----------------------------------------------------------------
+    optimizer = training.make_optimizer(gpt, cfg)
+    start_step, _ = training.resume(run, gpt, optimizer)
+    metrics = training.start_log(run, start_step)
+    train_model = training.wrap_ddp(reward_model, run)
+    if run.is_main:
         s = train.stats
         print(f"reward: {gpt.num_params() / 1e6:.2f}M params; {len(train)} prompts, {s.pairs} pairs "
               f"({s.identical_pairs} identical and {s.too_long_pairs} too-long pairs dropped, {s.skipped_bad} bad); "
               f"{len(val) if val else 0} val prompts"
               + (f", labeler noise ceiling {noise_ceiling:.3f}" if noise_ceiling is not None else "")
-              + f"; {max_steps} steps of {per_step} prompts; device {device}, {dist_info.world_size} rank(s)")
+              + f"; {max_steps} steps of {per_step} prompts; {run.describe()}")
         if not cfg.resume:
             metrics.log({"step": 0, "data": s.as_dict(), "noise_ceiling": noise_ceiling})
 
@@ -205,16 +172,12 @@ def main(cfg: RewardConfig) -> dict[str, Any]:
         return score(gpt, demos, device).mean().item() if demos else 0.0
 
     def save(step: int, extra: dict[str, Any]) -> Path | None:
-        if not dist_info.is_main:
+        if not run.is_main:
             return None
-        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": capture_rng_state(),
-                 "data": {"seed": cfg.seed, "next_step": step}, "world_size": dist_info.world_size,
-                 "config": to_jsonable(cfg)}
-        meta = {"stage": "reward", "step": step, "init": str(cfg.init), "init_stage": init_meta.get("stage"),
-                REWARD_SHIFT_KEY: reward_shift(), "shift_demonstrations": len(demos),
-                "noise_ceiling": noise_ceiling, **extra}
-        return save_training_checkpoint(out, step, keep_last=cfg.keep_last, model=gpt, model_config=mcfg,
-                                        tokenizer_json=tokenizer.to_str(), trainer_state=state, meta=meta)
+        meta = {"init": str(cfg.init), "init_stage": init_meta.get("stage"), REWARD_SHIFT_KEY: reward_shift(),
+                "shift_demonstrations": len(demos), "noise_ceiling": noise_ceiling, **extra}
+        return training.save(run, step, model=gpt, model_config=mcfg, tokenizer_json=tokenizer.to_str(),
+                             optimizer=optimizer, meta=meta)
 
     def validate(step: int) -> dict[str, Any]:
         if val is None:
@@ -226,89 +189,64 @@ def main(cfg: RewardConfig) -> dict[str, Any]:
         return result
 
     # --- loop ------------------------------------------------------------------------------
-    end_step = max_steps if cfg.stop_after <= 0 else min(max_steps, start_step + cfg.stop_after)
-    bar = tqdm(total=max_steps, initial=start_step, desc="reward", unit="step", dynamic_ncols=True,
-               disable=not (cfg.progress and dist_info.is_main))
+    loop = training.Loop(run, max_steps, start_step)
     last: dict[str, Any] = {}
-    step = start_step
-    t_last, steps_since, pairs_since = time.perf_counter(), 0, 0
+    t_last, pairs_since = time.perf_counter(), 0
     gpt.train()
-    interrupted = False
-    with runtime.GracefulStop() as stop:
-        while step < end_step:
-            lr = lr_at(step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=max_steps)
-            set_lr(optimizer, lr)
-            loss_sum = torch.zeros((), device=device)
-            acc_sum = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                batch = train.batch(step * cfg.grad_accum + micro, cfg.batch_size, seed=cfg.seed,
-                                    rank=dist_info.rank, world_size=dist_info.world_size).to(device)
-                sync = micro == cfg.grad_accum - 1 or not dist_info.enabled
-                ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
-                with ctx, runtime.autocast(device, dtype):
-                    rewards = train_model(batch.ids, batch.lengths)  # (N,)
-                    # every micro-batch holds batch_size prompts, so the plain mean of their means is per prompt
-                    loss = pairwise_loss(rewards[batch.chosen], rewards[batch.rejected], batch.group) / cfg.grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
-                acc_sum += preference_accuracy(rewards[batch.chosen], rewards[batch.rejected]).detach().mean() / cfg.grad_accum
-                pairs_since += batch.num_pairs
-            loss_value = runtime.all_reduce_mean(loss_sum).item()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(gpt.parameters(), cfg.grad_clip).item()
-                         if cfg.grad_clip > 0 else float("nan"))
-            if not math.isfinite(loss_value) or (cfg.grad_clip > 0 and not math.isfinite(grad_norm)):
-                bar.close()
-                raise TrainingDiverged(
-                    f"reward step {step}: loss {loss_value}, grad norm {grad_norm}. No checkpoint was written for "
-                    f"this step; the last good one is {latest_checkpoint(out)}. Try a lower --lr (now {cfg.lr}), "
-                    f"more --warmup-steps, or --dtype float32.")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            steps_since += 1
-            bar.update(1)
+    for step in loop:
+        lr = loop.set_lr(optimizer)
+        loss_sum = torch.zeros((), device=device)
+        acc_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            batch = train.batch(step * cfg.grad_accum + micro, cfg.batch_size, seed=cfg.seed,
+                                rank=dist_info.rank, world_size=dist_info.world_size).to(device)
+            with training.sync_context(train_model, run, micro, cfg.grad_accum), runtime.autocast(device, dtype):
+                rewards = train_model(batch.ids, batch.lengths)  # (N,)
+                # every micro-batch holds batch_size prompts, so the plain mean of their means is per prompt
+                loss = pairwise_loss(rewards[batch.chosen], rewards[batch.rejected], batch.group) / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+            acc_sum += preference_accuracy(rewards[batch.chosen], rewards[batch.rejected]).detach().mean() / cfg.grad_accum
+            pairs_since += batch.num_pairs
+        loss_value = runtime.all_reduce_mean(loss_sum).item()
+        grad_norm = training.optimizer_step(run, optimizer, gpt.parameters(), loss_value, step)
 
-            if step % cfg.log_every == 0 or step == end_step:
-                dt = time.perf_counter() - t_last
-                pairs_per_s = pairs_since * dist_info.world_size / max(dt, 1e-9)
-                t_last, steps_since, pairs_since = time.perf_counter(), 0, 0
-                last = {"step": step, "loss": loss_value, "accuracy": runtime.all_reduce_mean(acc_sum).item(),
-                        "lr": lr, "grad_norm": grad_norm, "pairs_per_s": round(pairs_per_s, 1),
-                        "epoch": step * per_step / len(train)}
-                metrics.log(last)
-                bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{last['accuracy']:.2f}", lr=f"{lr:.2e}")
-            if (step % cfg.eval_every == 0 or step == max_steps) and dist_info.is_main:
-                result = validate(step)
-                if result:
-                    last.update(result)
-                    bar.write(f"step {step}: train loss {loss_value:.4f}, val loss {result['val_loss']:.4f}, "
-                              f"val accuracy {result['val_accuracy']:.3f}"
-                              + (f" ({result['val_accuracy_share_of_ceiling']:.2f} of the noise ceiling "
-                                 f"{noise_ceiling:.3f})" if noise_ceiling else ""))
-            if step % cfg.save_every == 0 and step != end_step:
-                save(step, {"loss": loss_value})
-            stop_now = torch.tensor(float(stop.stop), device=device)
-            if runtime.all_reduce_mean(stop_now).item() > 0:
-                if dist_info.is_main:
-                    bar.write(f"interrupted: saving step {step} (resume with --resume)")
-                interrupted = True
-                break
-    bar.close()
+        if loop.log_due(cfg.log_every):
+            dt = time.perf_counter() - t_last
+            pairs_per_s = pairs_since * dist_info.world_size / max(dt, 1e-9)
+            t_last, pairs_since = time.perf_counter(), 0
+            last = {"step": loop.step, "loss": loss_value, "accuracy": runtime.all_reduce_mean(acc_sum).item(),
+                    "lr": lr, "grad_norm": grad_norm, "pairs_per_s": round(pairs_per_s, 1),
+                    "epoch": loop.step * per_step / len(train)}
+            metrics.log(last)
+            loop.bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{last['accuracy']:.2f}", lr=f"{lr:.2e}")
+        if loop.eval_due(cfg.eval_every) and run.is_main:
+            result = validate(loop.step)
+            if result:
+                last.update(result)
+                loop.write(f"step {loop.step}: train loss {loss_value:.4f}, val loss {result['val_loss']:.4f}, "
+                           f"val accuracy {result['val_accuracy']:.3f}"
+                           + (f" ({result['val_accuracy_share_of_ceiling']:.2f} of the noise ceiling "
+                              f"{noise_ceiling:.3f})" if noise_ceiling else ""))
+        if loop.save_due(cfg.save_every):
+            save(loop.step, {"loss": loss_value})
 
     # --- save ------------------------------------------------------------------------------
+    step = loop.step
     ckpt = save(step, {k: v for k, v in last.items() if k != "step"})
     shift = load_meta(ckpt).get(REWARD_SHIFT_KEY, 0.0) if ckpt else None
-    metrics.close()
-    if dist_info.is_main:
-        recs = read_metrics(out / "metrics.jsonl")
-        plot_curves(recs, ["loss", "val_loss"], out / "loss.png", title="reward model loss (pairwise)")
-        plot_curves(recs, ["accuracy", "val_accuracy", "val_accuracy_vs_oracle"], out / "accuracy.png",
-                    title="reward model pair accuracy" + (f" (noise ceiling {noise_ceiling:.3f})" if noise_ceiling else ""))
+    training.finish(run, metrics, [
+        (["loss", "val_loss"], "loss.png", "reward model loss (pairwise)"),
+        (["accuracy", "val_accuracy", "val_accuracy_vs_oracle"], "accuracy.png",
+         "reward model pair accuracy" + (f" (noise ceiling {noise_ceiling:.3f})" if noise_ceiling else ""))])
+    if run.is_main:
         print(f"reward: step {step}/{max_steps}, checkpoint {ckpt}, reward shift {shift:.4f} over {len(demos)} "
               f"demonstrations ({demos_too_long} too long)"
+              + (f"; vs the noise-free order {last['val_accuracy_vs_oracle']:.3f} (95% interval "
+                 f"{last['val_accuracy_vs_oracle_ci95'][0]:.3f}-{last['val_accuracy_vs_oracle_ci95'][1]:.3f}, "
+                 f"{last['val_oracle_pairs']} pairs)" if "val_accuracy_vs_oracle" in last else "")
               + (f"; val accuracy {last['val_accuracy']:.3f}" if "val_accuracy" in last else "")
               + (f", noise ceiling {noise_ceiling:.3f}" if noise_ceiling is not None else ""))
-    runtime.barrier()
-    runtime.cleanup_distributed()
-    return {"interrupted": interrupted, "step": step, "max_steps": max_steps, "checkpoint": str(ckpt) if ckpt else None, "reward_shift": shift,
-            "noise_ceiling": noise_ceiling, "data": train.stats.as_dict(), **last}
+    return {"interrupted": loop.interrupted, "step": step, "max_steps": max_steps,
+            "checkpoint": str(ckpt) if ckpt else None, "reward_shift": shift, "noise_ceiling": noise_ceiling,
+            "data": train.stats.as_dict(), **last}

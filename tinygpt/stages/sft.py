@@ -15,56 +15,35 @@ Checkpoints (OUT/checkpoints/step_N) are plain checkpoints every later stage loa
 LoRA, ``model.safetensors`` holds the merged weights (base + (alpha/r) B A) and ``adapter/`` the
 adapter in peft's format, relative to --init (see tinygpt.lora); resuming rebuilds init + adapter.
 
-Uses: losses.lm_loss, optim, checkpoint, data.chat.ChatDataset, lora, eval.tasks. It does not know
+Uses: training (the skeleton), losses.lm_loss, checkpoint, data.conversations.ChatDataset, lora, eval.tasks. It does not know
 about pretraining data, reward models or RL.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm.auto import tqdm
 
-from tinygpt import lora, runtime
-from tinygpt.checkpoint import (CheckpointError, capture_rng_state, latest_checkpoint, load_meta, load_model,
-                                load_tokenizer_json, publish_checkpoint, resume_training, save_checkpoint,
-                                save_training_checkpoint, step_path)
-from tinygpt.config import opt, save_config, to_jsonable
-from tinygpt.data.chat import ChatDataset
+from tinygpt import lora, runtime, training
+from tinygpt.checkpoint import publish_checkpoint, save_checkpoint, step_path
+from tinygpt.config import opt
+from tinygpt.data.conversations import ChatDataset
 from tinygpt.eval.tasks import load_task_records, spread_limit, task_accuracy
 from tinygpt.losses import lm_loss
-from tinygpt.metrics import MetricsWriter, plot_curves, read_metrics
-from tinygpt.optim import lr_at, make_optimizer, set_lr
-from tinygpt.tokenizer import Tokenizer
+from tinygpt.world.tasks import DEFAULT_LONG_ANSWER_TOKENS
 from tinygpt.runtime import TrainingDiverged  # noqa: F401 (re-exported for callers)
 
 
 @dataclass
-class SFTConfig:
-    init: str = opt("", "checkpoint to start from (a pretraining run directory or checkpoint directory)")
-    data: str = opt("", "chat data: {\"messages\": [...]} JSONL, or a `datasets` directory with a messages column")
+class SFTConfig(training.FinetuneConfig):
+    init: str = opt("", "checkpoint to start from (a pretraining run directory or checkpoint directory)", required=True)
+    data: str = opt("", "chat data: {\"messages\": [...]} JSONL, or a `datasets` directory with a messages column", required=True)
     eval_data: str = opt("", "held-out chat data for the validation loss (empty: no validation loss)")
     out: str = opt("runs/sft", "run directory: checkpoints/, metrics.jsonl, loss.png, resolved_config.json")
-    skip_bad: bool = opt(False, "skip (and count) malformed records instead of stopping at the first one")
-    # optimisation
-    batch_size: int = opt(16, "conversations per micro-batch on each rank (padded to the longest)")
-    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
-    max_steps: int = opt(0, "optimizer steps in the whole run; 0 = derive from --epochs")
-    epochs: float = opt(2.0, "passes over the data when --max-steps is 0")
-    lr: float = opt(3e-4, "peak learning rate (LoRA usually wants ~10x more than full fine-tuning)")
-    min_lr: float = opt(3e-5, "learning rate at the end of the cosine decay")
-    warmup_steps: int = opt(20, "linear warmup steps")
-    weight_decay: float = opt(0.0, "AdamW weight decay on matrices")
-    beta1: float = opt(0.9, "AdamW beta1")
-    beta2: float = opt(0.95, "AdamW beta2")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
     dropout: float | None = opt(None, "override the checkpoint's dropout for fine-tuning (None = keep)")
     # LoRA
     lora_r: int = opt(0, "LoRA rank; 0 = full fine-tuning (every weight trains)")
@@ -75,23 +54,23 @@ class SFTConfig:
                                        "they leave LoRA unable to learn the chat format")
     merge_lora: bool = opt(False, "after LoRA training, also write OUT/merged: the merged model alone (no adapter/, "
                                   "no trainer state), e.g. for export")
-    # bookkeeping
-    eval_every: int = opt(50, "steps between validation-loss evaluations (and task evaluations)")
+    # evaluation
     eval_batches: int = opt(20, "validation batches per evaluation")
     task_eval: str = opt("", "held-out task records (tasks/*_test.jsonl or sft_test.jsonl): greedy answers graded "
                              "by the world's oracle, accuracy per family, at every eval and at the end")
     task_eval_limit: int = opt(200, "grade at most this many records per task evaluation, taken in turn from each "
                                     "family (0 = all)")
-    task_max_new_tokens: int = opt(64, "tokens generated per answer in task evaluation")
-    log_every: int = opt(10, "steps between metrics.jsonl records")
-    save_every: int = opt(200, "steps between checkpoints (one is always written at the end)")
-    keep_last: int = opt(2, "checkpoints kept in OUT/checkpoints")
+    task_max_new_tokens: int = opt(48, "most tokens per answer in task evaluation (the default of `tinygpt evaluate`)")
+    task_long_max_new_tokens: int = opt(DEFAULT_LONG_ANSWER_TOKENS, "most tokens per answer of the families whose "
+                                        "answers are whole stories (write_story), as in `tinygpt evaluate`")
+    # the shared fields (training.FinetuneConfig) with SFT's defaults
+    batch_size: int = opt(16, "conversations per micro-batch on each rank (padded to the longest)")
+    epochs: float = opt(2.0, "passes over the data when --max-steps is 0")
+    lr: float = opt(3e-4, "peak learning rate (LoRA usually wants ~10x more than full fine-tuning)")
+    min_lr: float = opt(3e-5, "learning rate at the end of the cosine decay")
+    warmup_steps: int = opt(20, "linear warmup steps")
+    eval_every: int = opt(50, "steps between validation-loss evaluations (and task evaluations)")
     seed: int = opt(1337, "seed for the data order, LoRA initialisation and dropout")
-    device: str = opt("auto", "auto, cpu, cuda or mps")
-    dtype: str = opt("auto", "autocast dtype: auto, float32 or bfloat16 (weights stay float32)")
-    resume: bool = opt(False, "continue from OUT's latest checkpoint exactly; an error if there is none")
-    stop_after: int = opt(0, "stop (with a checkpoint) after this many steps of this invocation; 0 = run to the end")
-    progress: bool = opt(True, "show a progress bar")
 
 
 def _validation_loss(model: torch.nn.Module, val: ChatDataset, cfg: SFTConfig, device: torch.device,
@@ -111,26 +90,20 @@ def _validation_loss(model: torch.nn.Module, val: ChatDataset, cfg: SFTConfig, d
 
 def main(cfg: SFTConfig) -> dict[str, Any]:
     # --- setup -----------------------------------------------------------------------------
-    dist_info, device = runtime.init_distributed(cfg.device)
-    dtype = runtime.resolve_dtype(cfg.dtype, device)
-    out = Path(cfg.out)
     if not cfg.init:
         raise ValueError("--init is required: the checkpoint to fine-tune (e.g. runs/x/pretrain)")
     if not cfg.data:
         raise ValueError("--data is required: chat records {\"messages\": [...]} (e.g. runs/x/world/sft_train.jsonl)")
-    if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.max_steps < 0 or cfg.lora_r < 0:
-        raise ValueError("--batch-size and --grad-accum must be >= 1; --max-steps and --lora-r >= 0")
+    if cfg.lora_r < 0:
+        raise ValueError(f"--lora-r must be >= 0, got {cfg.lora_r}")
     if cfg.merge_lora and cfg.lora_r == 0:
         raise ValueError("--merge-lora needs LoRA (--lora-r > 0); full fine-tuning already writes a plain checkpoint")
+    run = training.setup(cfg, "sft")
+    device, dtype, dist_info = run.device, run.dtype, run.dist
 
     # --- model and tokenizer -----------------------------------------------------------------
-    runtime.seed_everything(cfg.seed)
     overrides = {"dropout": cfg.dropout} if cfg.dropout is not None else None
-    model, mcfg = load_model(cfg.init, device=device, config_overrides=overrides)
-    tokenizer = Tokenizer.from_str(load_tokenizer_json(cfg.init))
-    if tokenizer.vocab_size != mcfg.vocab_size:
-        raise CheckpointError(f"{cfg.init}: tokenizer has {tokenizer.vocab_size} tokens, model {mcfg.vocab_size}")
-    init_meta = load_meta(cfg.init)
+    model, mcfg, tokenizer, init_meta = training.load_init(run, cfg.init, overrides)
     if cfg.lora_r > 0:
         chat_ids = ([tokenizer.system_id, tokenizer.user_id, tokenizer.assistant_id, tokenizer.end_id]
                     if cfg.lora_chat_tokens else [])
@@ -145,160 +118,116 @@ def main(cfg: SFTConfig) -> dict[str, Any]:
     if task_records is not None and cfg.task_eval_limit > 0:
         task_records = spread_limit(task_records, cfg.task_eval_limit)
     per_step = cfg.batch_size * cfg.grad_accum * dist_info.world_size
-    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train) / per_step))
+    max_steps = training.epoch_steps(cfg, len(train), per_step)
 
-    optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+    # --- optimizer, (resume) -----------------------------------------------------------------
+    optimizer = training.make_optimizer(model, cfg)
+    load_fn = (lambda m, ck: lora.load_adapter(m, ck, device=device)) if cfg.lora_r > 0 else None
+    start_step, _ = training.resume(run, model, optimizer, load_fn=load_fn)
+    metrics = training.start_log(run, start_step)
+    train_model = training.wrap_ddp(gpt, run)
 
-    # --- resume ----------------------------------------------------------------------------
-    start_step = 0
-    if cfg.resume:
-        load_fn = (lambda m, ck: lora.load_adapter(m, ck, device=device)) if cfg.lora_r > 0 else None
-        state = resume_training(out, model, optimizer, device=device, world_size=dist_info.world_size,
-                                verbose=dist_info.is_main, load_fn=load_fn)
-        start_step = int(state["step"])
-    if dist_info.is_main:
-        save_config(cfg, out / "resolved_config.json")
-
-    train_model: torch.nn.Module = gpt
-    if dist_info.enabled:
-        train_model = DDP(gpt, device_ids=[device.index] if device.type == "cuda" else None)
-
-    metrics = MetricsWriter(out, resume_step=start_step if cfg.resume else None, enabled=dist_info.is_main)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if cfg.lora_r > 0 and getattr(gpt, "lora_token_ids", None):  # of the embedding, only those rows train
         trainable -= gpt.tok_emb.weight.numel() - len(gpt.lora_token_ids) * gpt.tok_emb.weight.shape[1]
-    if dist_info.is_main:
+    if run.is_main:
         mode = f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha}" if cfg.lora_r else "full fine-tuning"
         s = train.stats
         print(f"sft: {mode}, {trainable / 1e6:.3f}M of {gpt.num_params() / 1e6:.3f}M params train; "
               f"{len(train)} conversations ({s.target_tokens} target tokens of {s.tokens}), "
               f"{s.shortened} shortened, {s.truncated} truncated, {s.skipped_no_target} skipped, "
               f"{s.skipped_bad} bad; pad fraction {train.pad_fraction(cfg.batch_size):.2f}; "
-              f"{max_steps} steps of {per_step} conversations; device {device}, "
-              f"compute {str(dtype).replace('torch.', '')}, {dist_info.world_size} rank(s)")
+              f"{max_steps} steps of {per_step} conversations; {run.describe()}")
         metrics.log({"step": start_step, "data": s.as_dict()} if not cfg.resume else {"step": start_step})
 
     def save(step: int, extra: dict[str, Any]) -> Path | None:
-        if not dist_info.is_main:
-            return None
-        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": capture_rng_state(),
-                 "data": {"seed": cfg.seed, "next_step": step}, "world_size": dist_info.world_size,
-                 "config": to_jsonable(cfg)}
-        meta = {"stage": "sft", "step": step, "init": str(cfg.init), "init_stage": init_meta.get("stage"),
+        meta = {"init": str(cfg.init), "init_stage": init_meta.get("stage"),
                 "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout} if cfg.lora_r else None,
                 **extra}
         if cfg.lora_r == 0:
-            return save_training_checkpoint(out, step, keep_last=cfg.keep_last, model=gpt, model_config=mcfg,
-                                            tokenizer_json=tokenizer.to_str(), trainer_state=state, meta=meta)
+            return training.save(run, step, model=gpt, model_config=mcfg, tokenizer_json=tokenizer.to_str(),
+                                 optimizer=optimizer, meta=meta)
+        if not run.is_main:
+            return None
         # LoRA: the merged model + adapter/, complete before `latest` moves to it.
-        path = save_checkpoint(step_path(out, step), model=lora.merged_copy(model),
-                               model_config=mcfg, tokenizer_json=tokenizer.to_str(), trainer_state=state,
-                               meta={**meta, "adapter": lora.ADAPTER_DIR})
+        path = save_checkpoint(step_path(run.out, step), model=lora.merged_copy(model), model_config=mcfg,
+                               tokenizer_json=tokenizer.to_str(), trainer_state=training.trainer_state(run, step, optimizer),
+                               meta={"stage": "sft", "step": step, **meta, "adapter": lora.ADAPTER_DIR})
         lora.save_adapter(model, path, base=cfg.init)
-        return publish_checkpoint(out, path, keep_last=cfg.keep_last)
+        return publish_checkpoint(run.out, path, keep_last=cfg.keep_last)
 
     def evaluate_tasks(step: int) -> dict[str, Any] | None:
-        if task_records is None or not dist_info.is_main:
+        if task_records is None or not run.is_main:
             return None
         result = task_accuracy(gpt, tokenizer, task_records, max_new_tokens=cfg.task_max_new_tokens,
-                               batch_size=max(cfg.batch_size, 16))
+                               long_max_new_tokens=cfg.task_long_max_new_tokens, batch_size=max(cfg.batch_size, 16))
         metrics.log({"step": step, "task_accuracy": result["accuracy"],
                      **{f"task_accuracy/{f}": r["accuracy"] for f, r in result["per_family"].items()}})
         return result
 
     # --- loop ------------------------------------------------------------------------------
-    end_step = max_steps if cfg.stop_after <= 0 else min(max_steps, start_step + cfg.stop_after)
-    bar = tqdm(total=max_steps, initial=start_step, desc="sft", unit="step", dynamic_ncols=True,
-               disable=not (cfg.progress and dist_info.is_main))
+    loop = training.Loop(run, max_steps, start_step)
     last: dict[str, Any] = {}
-    step = start_step
-    t_last, steps_since, tokens_since = time.perf_counter(), 0, 0
+    t_last, tokens_since = time.perf_counter(), 0
     gpt.train()
-    interrupted = False
-    with runtime.GracefulStop() as stop:
-        while step < end_step:
-            lr = lr_at(step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=max_steps)
-            set_lr(optimizer, lr)
-            micro_steps = [step * cfg.grad_accum + micro for micro in range(cfg.grad_accum)]
-            step_targets = sum(train.target_count(s, cfg.batch_size, seed=cfg.seed, world_size=dist_info.world_size)
-                               for s in micro_steps)
-            loss_sum = torch.zeros((), device=device)
-            for micro, micro_step in enumerate(micro_steps):
-                x, y, m = train.batch(micro_step, cfg.batch_size, seed=cfg.seed, rank=dist_info.rank,
-                                      world_size=dist_info.world_size)
-                x, y, m = x.to(device, non_blocking=True), y.to(device, non_blocking=True), m.to(device, non_blocking=True)
-                # weight of this micro-batch's mean: its target tokens / the global step's (x world: DDP averages ranks)
-                weight = int(m.sum()) * dist_info.world_size / max(step_targets, 1)
-                sync = micro == cfg.grad_accum - 1 or not dist_info.enabled
-                ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
-                with ctx, runtime.autocast(device, dtype):
-                    loss = lm_loss(train_model(x), y, m) * weight
-                loss.backward()
-                loss_sum += loss.detach()
-                tokens_since += x.numel()
-            loss_value = runtime.all_reduce_mean(loss_sum).item()
-            grad_norm = (torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                        cfg.grad_clip).item()
-                         if cfg.grad_clip > 0 else float("nan"))
-            if not math.isfinite(loss_value) or (cfg.grad_clip > 0 and not math.isfinite(grad_norm)):
-                bar.close()
-                raise TrainingDiverged(
-                    f"sft step {step}: loss {loss_value}, grad norm {grad_norm}. No checkpoint was written for this "
-                    f"step; the last good one is {latest_checkpoint(out)}. Try a lower --lr (now {cfg.lr}), more "
-                    f"--warmup-steps, or --dtype float32.")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            steps_since += 1
-            bar.update(1)
+    for step in loop:
+        lr = loop.set_lr(optimizer)
+        micro_steps = [step * cfg.grad_accum + micro for micro in range(cfg.grad_accum)]
+        step_targets = sum(train.target_count(s, cfg.batch_size, seed=cfg.seed, world_size=dist_info.world_size)
+                           for s in micro_steps)
+        loss_sum = torch.zeros((), device=device)
+        for micro, micro_step in enumerate(micro_steps):
+            x, y, m = train.batch(micro_step, cfg.batch_size, seed=cfg.seed, rank=dist_info.rank,
+                                  world_size=dist_info.world_size)
+            x, y, m = x.to(device, non_blocking=True), y.to(device, non_blocking=True), m.to(device, non_blocking=True)
+            # weight of this micro-batch's mean: its target tokens / the global step's (x world: DDP averages ranks)
+            weight = int(m.sum()) * dist_info.world_size / max(step_targets, 1)
+            with training.sync_context(train_model, run, micro, cfg.grad_accum), runtime.autocast(device, dtype):
+                loss = lm_loss(train_model(x), y, m) * weight
+            loss.backward()
+            loss_sum += loss.detach()
+            tokens_since += x.numel()
+        loss_value = runtime.all_reduce_mean(loss_sum).item()
+        grad_norm = training.optimizer_step(run, optimizer, model.parameters(), loss_value, step)
 
-            if step % cfg.log_every == 0 or step == end_step:
-                dt = time.perf_counter() - t_last
-                tps = tokens_since * dist_info.world_size / max(dt, 1e-9)
-                t_last, steps_since, tokens_since = time.perf_counter(), 0, 0
-                last = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                        "tokens_per_s": round(tps, 1), "epoch": step * per_step / len(train)}
-                metrics.log(last)
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-            if step % cfg.eval_every == 0 or step == max_steps:
-                if val is not None:
-                    val_loss = _validation_loss(gpt, val, cfg, device, dtype)
-                    last.update(val_loss=val_loss)
-                    metrics.log({"step": step, "val_loss": val_loss})
-                    if dist_info.is_main:
-                        bar.write(f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
-                tasks = evaluate_tasks(step)
-                if tasks is not None:
-                    last.update(task_accuracy=tasks["accuracy"])
-                    bar.write(f"step {step}: task accuracy {tasks['accuracy']:.3f} " + ", ".join(
-                        f"{f} {r['accuracy']:.2f}" for f, r in tasks["per_family"].items()))
-            if step % cfg.save_every == 0 and step != end_step:
-                save(step, {"loss": loss_value})
-            stop_now = torch.tensor(float(stop.stop), device=device)
-            if runtime.all_reduce_mean(stop_now).item() > 0:
-                if dist_info.is_main:
-                    bar.write(f"interrupted: saving step {step} (resume with --resume)")
-                interrupted = True
-                break
-    bar.close()
+        if loop.log_due(cfg.log_every):
+            dt = time.perf_counter() - t_last
+            tps = tokens_since * dist_info.world_size / max(dt, 1e-9)
+            t_last, tokens_since = time.perf_counter(), 0
+            last = {"step": loop.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                    "tokens_per_s": round(tps, 1), "epoch": loop.step * per_step / len(train)}
+            metrics.log(last)
+            loop.bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+        if loop.eval_due(cfg.eval_every):
+            if val is not None:
+                val_loss = _validation_loss(gpt, val, cfg, device, dtype)
+                last.update(val_loss=val_loss)
+                metrics.log({"step": loop.step, "val_loss": val_loss})
+                loop.write(f"step {loop.step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
+            tasks = evaluate_tasks(loop.step)
+            if tasks is not None:
+                last.update(task_accuracy=tasks["accuracy"])
+                loop.write(f"step {loop.step}: task accuracy {tasks['accuracy']:.3f} " + ", ".join(
+                    f"{f} {r['accuracy']:.2f}" for f, r in tasks["per_family"].items()))
+        if loop.save_due(cfg.save_every):
+            save(loop.step, {"loss": loss_value})
 
     # --- save ------------------------------------------------------------------------------
+    step = loop.step
     ckpt = save(step, {k: v for k, v in last.items() if k != "step"})
     merged_path = None
-    if cfg.merge_lora and step == max_steps and dist_info.is_main:
+    if cfg.merge_lora and step == max_steps and run.is_main:
         merged = lora.merged_copy(model)
-        merged_path = save_checkpoint(out / "merged", model=merged, model_config=mcfg,
+        merged_path = save_checkpoint(run.out / "merged", model=merged, model_config=mcfg,
                                       tokenizer_json=tokenizer.to_str(),
                                       meta={"stage": "sft", "step": step, "merged_from": str(ckpt),
                                             "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha}})
-    metrics.close()
-    if dist_info.is_main:
-        recs = read_metrics(out / "metrics.jsonl")
-        plot_curves(recs, ["loss", "val_loss"], out / "loss.png", title="SFT loss (assistant tokens)")
-        if task_records is not None:
-            plot_curves(recs, ["task_accuracy"], out / "task_accuracy.png", title="held-out task accuracy")
+    plots = [(["loss", "val_loss"], "loss.png", "SFT loss (assistant tokens)")]
+    if task_records is not None:
+        plots.append((["task_accuracy"], "task_accuracy.png", "held-out task accuracy"))
+    training.finish(run, metrics, plots)
+    if run.is_main:
         print(f"sft: step {step}/{max_steps}, checkpoint {ckpt}" + (f", merged {merged_path}" if merged_path else ""))
-    runtime.barrier()
-    runtime.cleanup_distributed()
-    return {"interrupted": interrupted, "step": step, "max_steps": max_steps, "checkpoint": str(ckpt) if ckpt else None,
-            "merged": str(merged_path) if merged_path else None, "data": train.stats.as_dict(), **last}
+    return {"interrupted": loop.interrupted, "step": step, "max_steps": max_steps,
+            "checkpoint": str(ckpt) if ckpt else None, "merged": str(merged_path) if merged_path else None,
+            "data": train.stats.as_dict(), **last}

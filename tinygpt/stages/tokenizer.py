@@ -4,6 +4,9 @@ Reads documents (text, JSONL, Parquet, `datasets` directories: see tinygpt.data.
 a :class:`tinygpt.tokenizer.Tokenizer`, saves ``tokenizer.json`` plus the files `transformers`
 loads into ``out``, and prints a summary (vocabulary, compression in characters per token).
 It knows nothing about shards or models.
+
+    tinygpt tokenizer train --inputs runs/w/pretrain.jsonl --out runs/tok --vocab-size 2048
+    tinygpt tokenizer train --inputs my_corpus/*.parquet --text-field body --out runs/tok
 """
 
 from __future__ import annotations
@@ -24,14 +27,14 @@ COMPRESSION_SAMPLE_DOCS = 1000
 
 @dataclass
 class TokenizerConfig:
-    inputs: list[str] = opt([], "files, directories or globs of documents (.txt, .jsonl, .parquet, datasets dirs)")
+    inputs: list[str] = opt([], "files, directories or globs of documents (.txt, .jsonl, .parquet, datasets dirs)", required=True)
     out: str = opt("runs/tokenizer", "output directory for tokenizer.json and the transformers files")
     vocab_size: int = opt(4096, "vocabulary size: 7 special + 256 byte tokens + merges")
     min_frequency: int = opt(2, "a pair must occur this often to be merged")
     max_docs: int = opt(200_000, "read at most this many documents for training (0 = all)")
     skip_bad: bool = opt(False, "skip and count bad documents instead of stopping at the first")
     text_field: str = opt("text", "JSONL field / Parquet or datasets column holding the text")
-    show_progress: bool = opt(True, "show the tokenizers training progress bar")
+    progress: bool = opt(True, "show the training progress bar of `tokenizers`")
 
 
 def main(cfg: TokenizerConfig) -> dict[str, Any]:
@@ -58,7 +61,7 @@ def main(cfg: TokenizerConfig) -> dict[str, Any]:
     # --- train ---
     started = time.perf_counter()
     tokenizer = Tokenizer.train(keep_sample(documents), vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
-                                show_progress=cfg.show_progress)
+                                show_progress=cfg.progress)
     seconds = time.perf_counter() - started
     if read_stats.documents == 0:
         raise ValueError(f"no documents read from {cfg.inputs} (skipped {read_stats.skipped} bad ones)")

@@ -321,7 +321,8 @@ class WriteStory(TaskFamily):
             template += ", " + rng.choice(_FEATURE_PHRASES[f])
         template += "."
         if required:
-            template += (" Use the word " if len(required) == 1 else " Use the words ") + " and ".join(f"\"{{w{k}}}\"" for k in range(len(required))) + "."
+            words = " and ".join(f"\"{{w{k}}}\"" for k in range(len(required)))
+            template += (" Use the word " if len(required) == 1 else " Use the words ") + words + "."
             values.update({f"w{k}": w for k, w in enumerate(required)})
         if rng.random() < self.OPEN_SHARE:  # drawn last: the constrained requests stay as they were
             # an open request: any story will do, so the one written for the constraints is an answer too

@@ -14,24 +14,32 @@ from typing import Any, Iterable
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path, *, resume_step: int | None = None, enabled: bool = True):
-        self.path = Path(run_dir) / "metrics.jsonl"
+    """Append-only JSONL records with a ``step`` (``metrics.jsonl``, or ``name``: PPO's ``samples.jsonl``).
+
+    ``resume_step=None`` starts the file afresh; a step keeps the records of steps <= it (and drops a
+    torn line), so a resumed run appends after exactly what it resumed from. ``enabled=False`` (ranks
+    other than 0) writes nothing.
+    """
+
+    def __init__(self, run_dir: str | Path, *, resume_step: int | None = None, enabled: bool = True,
+                 name: str = "metrics.jsonl"):
+        self.path = Path(run_dir) / name
         self.enabled = enabled
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
-            self.path.write_text("")
+            self.path.write_text("", encoding="utf-8")
         elif self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self._f = open(self.path, "a")
+            self.path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+        self._f = open(self.path, "a", encoding="utf-8")
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._f.write(json.dumps(clean) + "\n")
+        self._f.write(json.dumps(clean, ensure_ascii=False) + "\n")
         self._f.flush()
 
     def close(self) -> None:
@@ -40,9 +48,9 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl; a torn last line (a crash mid-write) is ignored."""
+    """Records of a metrics.jsonl (or samples.jsonl); a torn last line (a crash mid-write) is ignored."""
     out = []
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:

@@ -1,6 +1,6 @@
 """Chat datasets for SFT: read ``{"messages": [...]}`` records, render them, fit them to the context, batch them.
 
-Reading: a JSONL file (through :func:`sources.iter_records`, so errors say ``file:line``) or a
+Reading: a JSONL or Parquet file (through :func:`sources.iter_records`, so errors say ``file:line``) or a
 directory written by ``datasets`` ``save_to_disk`` with a ``messages`` column (errors say
 ``dir: row N``). Every conversation must validate (roles system/user/assistant, string contents)
 and hold at least one assistant message (otherwise there is nothing to learn from it).
@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from tinygpt.data.sources import DataError, ReadStats, is_dataset_dir, iter_records, require_field
+from tinygpt.data.sources import DataError, ReadStats, iter_records, require_field
 from tinygpt.tokenizer import Tokenizer, validate_messages
 from tinygpt.data.sampling import epoch_indices
 
@@ -86,25 +86,12 @@ def _check_conversation(record: Any, where: str) -> list[dict[str, Any]]:
 
 def iter_conversations(path: str | Path, *, skip_bad: bool = False,
                        stats: ChatStats | None = None) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """Yield ``(where, messages)`` from a JSONL file or a `datasets` directory with a ``messages`` column."""
+    """Yield ``(where, messages)`` from a JSONL or Parquet file or a `datasets` directory with a ``messages``
+    field or column (:func:`sources.iter_records`)."""
     path = Path(path)
     stats = stats if stats is not None else ChatStats()
-    read: ReadStats | None = None
-    if is_dataset_dir(path):
-        import datasets
-
-        if (path / "dataset_dict.json").is_file():
-            raise DataError(f"{path}: a DatasetDict; pass one split directory (e.g. {path / 'train'})")
-        dataset = datasets.load_from_disk(str(path))
-        if "messages" not in dataset.column_names:
-            raise DataError(f"{path}: no column 'messages' (columns: {dataset.column_names})")
-        source = ((f"{path}: row {i}", row) for i, row in enumerate(dataset))
-    elif path.is_dir():
-        raise DataError(f"{path}: a directory but not a `datasets` save_to_disk directory; pass a .jsonl file")
-        read = None
-    else:
-        read = ReadStats()
-        source = iter_records(path, skip_bad=skip_bad, stats=read)
+    read = ReadStats()
+    source = iter_records(path, skip_bad=skip_bad, stats=read)  # JSONL, Parquet or a `datasets` directory
     for where, record in source:
         stats.conversations += 1
         try:
@@ -115,7 +102,7 @@ def iter_conversations(path: str | Path, *, skip_bad: bool = False,
             stats.skipped_bad += 1
             if len(stats.first_skipped) < MAX_KEPT_SKIPS:
                 stats.first_skipped.append(str(e))
-    if read is not None:  # lines iter_records skipped (invalid JSON / UTF-8, not an object)
+    if read.skipped:  # lines iter_records skipped (invalid JSON / UTF-8, not an object)
         stats.skipped_bad += read.skipped
         stats.first_skipped += read.first_errors[:max(0, MAX_KEPT_SKIPS - len(stats.first_skipped))]
 
@@ -172,7 +159,8 @@ def fit_conversation(tokenizer: Tokenizer, messages: list[dict[str, Any]], max_t
 # --- the dataset -------------------------------------------------------------------------------------
 
 
-def collate(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+            pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rendered ``(ids, mask)`` pairs -> inputs x (B, T), targets y (B, T), target mask m (B, T), T = longest - 1.
 
     x[b, t] = ids[t], y[b, t] = ids[t + 1], m[b, t] = mask[t + 1]; right padding has y = pad_id, m = 0."""
@@ -246,7 +234,8 @@ class ChatDataset:
                 total += sum(self.examples[i][1][1:])
         return total
 
-    def eval_batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def eval_batches(self, batch_size: int,
+                     max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Every example once, in file order (the last batch may be smaller)."""
         for b, first in enumerate(range(0, len(self.examples), batch_size)):
             if max_batches is not None and b >= max_batches:
