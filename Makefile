@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test test-fast venv bench clean
+.PHONY: demo test test-fast venv bench browser clean
 
 # llama.cpp for tests/test_export_gguf.py: llama-cpp-python compiles it from source (about 6 minutes on
 # 2 cores), so it is built once into a wheel cache outside the clone, keyed by the CPU's instruction set
@@ -28,7 +28,7 @@ $(VENV)/.installed-test: pyproject.toml constraints.txt | $(BIN)/python
 
 $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP_INSTALL) torch==2.13.0
-	$(PIP_INSTALL) -e '.[lora]'
+	$(PIP_INSTALL) -e '.[lora,serve]'
 	touch $@
 
 $(VENV)/.installed-llama-cpp: $(VENV)/.installed-test
@@ -64,6 +64,19 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/decode_throughput.py
 	$(BIN)/python benchmarks/world_throughput.py
+	$(BIN)/python benchmarks/serve_load.py
+
+# Debian's chromium + chromium-driver for tests/test_serve_page.py (needs root and apt; without them
+# that test skips and says why). Nothing here downloads a browser of its own.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+		echo "chromium and chromedriver present"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium chromium-driver >/dev/null || echo "could not install chromium: the browser test will skip"; \
+	else \
+		echo "chromium/chromedriver missing (apt-get install chromium chromium-driver as root): the browser test will skip"; \
+	fi
 
 clean:
 	rm -rf $(VENV) runs

@@ -31,6 +31,7 @@ CASES = {
                     ["--checkpoints", "--world"]),
     ("report",): ([NOWHERE], ["RUN_DIR"]),
     ("chat",): ([NOWHERE], ["CHECKPOINT"]),
+    ("serve",): ([NOWHERE], ["CHECKPOINT"]),
     ("watermark", "detect"): ([NOWHERE, "--key", "k", "--text", "some text"], ["CHECKPOINT", "--key"]),
     ("memorisation",): (["--checkpoints", NOWHERE, "--data", NOWHERE], ["--checkpoints", "--data"]),
     ("scaling",): (["--data", NOWHERE, "--out", f"{NOWHERE}/scaling"], ["--data"]),

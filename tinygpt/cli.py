@@ -57,6 +57,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
                   "redraw a run's report (report.md, report.html) from its stages' logs and eval.json"),
     ("chat",): ("tinygpt.chat", "ChatConfig", ("checkpoint",),
                 "talk to a chat model in the terminal (streamed, multi-turn, /help for commands)"),
+    ("serve",): ("tinygpt.serve", "ServeConfig", ("checkpoint",),
+                 "serve a checkpoint: OpenAI-compatible API (/v1) with batched decoding, and a web chat page (/)"),
     ("watermark", "detect"): ("tinygpt.watermark", "DetectConfig", ("checkpoint",),
                               "test texts for the green-list watermark of `sample/chat --watermark-key` (z, p-value)"),
     ("memorisation",): ("tinygpt.eval.memorisation", "MemorisationConfig", (),
