@@ -230,3 +230,17 @@ def test_best_of_n_rows_for_the_baseline(setup, tmp_path):
         assert 0.0 <= r["win_rate"]["labeler"]["win_rate"] <= 1.0 and r["win_rate"]["labeler"]["n"] == 18
     with pytest.raises(ValueError, match="--best-of"):
         evaluate.main(_cfg(root, world, ckpts, out=str(tmp_path / "bad"), best_of=[4], baseline=""))
+
+
+def test_extraction_table_of_every_checkpoint(setup, tmp_path):
+    root, world, ckpts, tok = setup
+    summary = evaluate.main(_cfg(root, world, ckpts, out=str(tmp_path / "out"), extraction_docs=3, pass_n=0,
+                                 n_stories=0, baseline="", contamination=False, attention=False))
+    ext = summary["extraction"]
+    assert "error" not in ext, ext
+    assert set(ext["models"]) == {"base", "chat"} and ext["continuation_tokens"] == [8, 32, 64]
+    for m in ext["models"].values():
+        for split in ("train", "heldout"):
+            assert set(m[split]["exact"]) == {8, 32, 64} and all(0 <= v <= 1 for v in m[split]["exact"].values())
+    saved = json.loads((tmp_path / "out" / "eval.json").read_text())["extraction"]
+    assert saved["models"]["base"]["train"]["exact"]["8"] == ext["models"]["base"]["train"]["exact"][8]

@@ -269,3 +269,17 @@ def test_win_intervals_and_best_of_n_tables(tmp_path):
     assert ["PPO", "labeler", "0.700", "[0.450, 0.950]", "0.750", "[0.410, 0.930]", "6 / 2 / 2"] in wins
     assert _table(md[md.index("## Best-of-n"):], "n") == [
         ["4", "reward model", "0.636", "0.580", "[0.500, 0.660]", "0.800", "0.610", "0.400", "0.000"]]
+
+
+def test_extraction_table_is_rendered_from_eval_json(tmp_path):
+    result = fake_eval(tmp_path)
+    counts = {"n": 4, "exact": {"8": 0.5, "32": 0.25, "64": 0.0}, "mean_matched": 9.5, "median_matched": 8}
+    result["extraction"] = {"prefix_tokens": 32, "continuation_tokens": [8, 32, 64], "n_docs": {"train": 4, "heldout": 4},
+                            "models": {"base": {"train": counts, "heldout": {**counts, "exact": {"8": 0.0, "32": 0.0,
+                                                                                                   "64": 0.0}}}}}
+    md = build_report(tmp_path, stages={}, eval_result=result)["md"].read_text()
+    assert _table(md[md.index("## Memorisation"):]) == [["base", "0.500", "0.250", "0.000", "0.000", "0.000", "0.000",
+                                                        "9.5", "9.5"]]
+    result["extraction"] = {"error": "no document is long enough"}
+    md = build_report(tmp_path, stages={}, eval_result=result)["md"].read_text()
+    assert "Not measured: no document is long enough" in md

@@ -465,6 +465,24 @@ def attention_section(attention: dict[str, Any], eval_dir: Path, fig_dir: Path, 
             Figure(png, "attention weights of the picked heads")]
 
 
+def extraction_section(result: dict[str, Any]) -> list[Block]:
+    """The extraction rates `tinygpt evaluate --extraction-docs` measured (eval/memorisation.py)."""
+    lengths = [str(L) for L in result["continuation_tokens"]]
+    rows = []
+    for name, m in result["models"].items():
+        # JSON makes the lengths strings; in memory they are ints
+        train, held = ({str(k): v for k, v in m[s]["exact"].items()} for s in ("train", "heldout"))
+        rows.append([name, *[_cell(_get(train, L), 3) for L in lengths], *[_cell(_get(held, L), 3) for L in lengths],
+                     _cell(_get(m, "train", "mean_matched"), 1), _cell(_get(m, "heldout", "mean_matched"), 1)])
+    n = result["n_docs"]
+    return [Paragraph(f"Each model is prompted with BOS and the first {result['prefix_tokens']} tokens of "
+                      f"{n['train']} training and {n['heldout']} held-out stories and decodes greedily; 'exact L' is "
+                      "the share whose first L new tokens are the story's own. The held-out rate is the floor the "
+                      "world's templates allow; a training rate above it is memorisation."),
+            Table(["model", *[f"train exact {L}" for L in lengths], *[f"held-out exact {L}" for L in lengths],
+                   "train mean matched", "held-out mean matched"], rows)]
+
+
 def discover_stages(run_dir: str | Path) -> dict[str, str]:
     """The stage directories a pipeline run holds, in pipeline order."""
     run_dir = Path(run_dir)
@@ -571,6 +589,15 @@ def build_report(run_dir: str | Path, *, stages: dict[str, str], eval_result: di
         blocks += answer_blocks + ([Bullets(answer_notes)] if answer_notes else [])
     else:
         blocks.append(Paragraph("No prompts were answered in this evaluation (`tinygpt evaluate --prompts`)."))
+
+    # --- memorisation
+    extraction = eval_result.get("extraction")
+    if extraction:
+        blocks.append(Heading(2, "Memorisation: are training stories extracted?"))
+        if extraction.get("error"):
+            blocks.append(Paragraph(f"Not measured: {extraction['error']}"))
+        else:
+            blocks += extraction_section(extraction)
 
     # --- contamination
     blocks.append(Heading(2, "Contamination (GPT-3 appendix C)"))

@@ -17,6 +17,8 @@ other stage a *chat* model):
   noiseless simulated labeler (its utility) and by a reward model (``--reward``), ties half;
 
 * greedy answers to ``--prompts`` (free-form instructions, side by side in the report);
+* with ``--extraction-docs N``, memorisation (Carlini et al.): how often greedy decoding continues N training
+  and N held-out documents of ``--data`` exactly, from their first 32 tokens;
 * with ``--best-of 1 4 16``, the baseline's best-of-n rows (:mod:`tinygpt.eval.best_of_n`): of n sampled
   answers, the one the reward model (or, as a ceiling, the noiseless labeler) scores highest, compared
   with the baseline like every model;
@@ -95,6 +97,9 @@ class EvaluateConfig:
                                  "--win-temperature, the one the reward model (and, as a ceiling, the noiseless "
                                  "labeler) scores highest, compared with the baseline like every model; [] = off")
     contamination: bool = opt(True, "report the 13-gram overlap of each evaluation set with the training files")
+    extraction_docs: int = opt(0, "training and held-out documents (of --data) per checkpoint for the extraction "
+                                  "table: greedy continuations of their first 32 tokens, exact for 8 / 32 / 64 "
+                                  "(tinygpt.eval.memorisation); 0 = off")
     prompts: list[str] = opt([], "free-form instructions every checkpoint answers greedily (the report's side-by-side "
                                  "table; chat models through the template, a base model continues the text)")
     attention: bool = opt(True, "draw the attention maps of the base (pretrain) checkpoint on a story of the world")
@@ -466,6 +471,18 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
                 cand = [json.loads(line)["answer"] for line in open(file)]
                 r["win_rate"] = win_rates(cand, baseline_answers, win_records, reward)
 
+    # --- extraction (memorisation), every checkpoint on the same documents
+    extraction = None
+    if cfg.extraction_docs > 0 and cfg.data:
+        from tinygpt.eval.memorisation import extraction_table
+
+        try:
+            extraction = extraction_table(checkpoints, cfg.data, n_docs=cfg.extraction_docs, prefix_tokens=32,
+                                          continuation_tokens=(8, 32, 64), seed=cfg.seed, device=cfg.device,
+                                          batch_size=cfg.batch_size)
+        except ValueError as e:  # documents or contexts too short for the measurement: said, not a crash
+            extraction = {"error": str(e)}
+
     # --- contamination, once per world
     report = None
     if cfg.contamination:
@@ -473,7 +490,8 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
 
     # --- write
     summary = {"config": asdict(cfg), "checkpoints": results, "contamination": report,
-               "test_items": len(test_records), "attention": attention, "best_of_n": best_of}
+               "test_items": len(test_records), "attention": attention, "best_of_n": best_of,
+               "extraction": extraction}
     (out / "eval.json").write_text(json.dumps(_finite(summary), indent=2) + "\n")
     (out / "eval.md").write_text(markdown_report(results, report, cfg))
     for name, r in results.items():
