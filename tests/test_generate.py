@@ -181,3 +181,15 @@ def test_temperature_sampling_follows_softmax():
     draws = sample_next(logits, SamplingConfig(temperature=0.5), gen)
     freq = torch.bincount(draws, minlength=3).float() / 4000
     assert math.isclose(freq[0].item(), 0.49 / 0.54, abs_tol=0.03)
+
+
+def test_extreme_top_p_and_temperature_pick_the_top_token_instead_of_nan():
+    """Found by schemathesis against the server: top_p 5e-324 dropped every token, temperature 1e-300
+    overflowed to inf; both gave NaN probabilities and a crash."""
+    from tinygpt.generate import SamplingConfig, sample_next, top_p_filter
+
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.0]])
+    assert torch.isfinite(top_p_filter(logits, 5e-324)).sum() == 1
+    for cfg in (SamplingConfig(temperature=1.0, top_p=5e-324), SamplingConfig(temperature=1e-300),
+                SamplingConfig(temperature=1e-300, top_p=5e-324, top_k=2)):
+        assert sample_next(logits, cfg, torch.Generator().manual_seed(0)).tolist() == [1]

@@ -65,6 +65,7 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
     drop_sorted = mass_before >= p               # the token that crosses p is kept
+    drop_sorted[..., 0] = False                  # and the most likely one always (p as small as 5e-324 kept none)
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -89,7 +90,10 @@ def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator 
         logits = repetition_penalty_filter(logits, seen, cfg.repetition_penalty)
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    probs = top_p_filter(top_k_filter(logits / cfg.temperature, cfg.top_k), cfg.top_p).softmax(dim=-1)  # (B, V)
+    # shifted so the best logit is 0: a temperature as small as 1e-300 then sends the others to -inf, not inf/NaN
+    # (and at least float32's smallest normal number: 1e-300 itself is 0 in float32)
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / max(cfg.temperature, torch.finfo(torch.float32).tiny)
+    probs = top_p_filter(top_k_filter(scaled, cfg.top_k), cfg.top_p).softmax(dim=-1)  # (B, V)
     if generator is None or isinstance(generator, torch.Generator):
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
     if len(generator) != probs.shape[0]:
