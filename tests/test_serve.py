@@ -249,3 +249,27 @@ def test_cli_refuses_a_missing_checkpoint_before_serving(tmp_path):
         out = subprocess.run([sys.executable, "-m", "tinygpt.cli", *args], capture_output=True, text=True, timeout=60)
         assert out.returncode != 0 and "Traceback" not in out.stderr
         assert "CHECKPOINT is required" in out.stderr or "checkpoint not found" in out.stderr
+
+
+def test_watermark_and_int8_options(ckpt):
+    """--watermark-key marks every answer (the detector finds its green tokens); --quantize int8 serves."""
+    from tinygpt.tokenizer import Tokenizer
+    from tinygpt.watermark import WatermarkDetector
+
+    tok = Tokenizer.load(ckpt)
+    detector = WatermarkDetector("serve-key", 0.25, vocab_size=tok.vocab_size, tokenizer=tok)
+    fractions = {}
+    for name, extra in (("plain", {}), ("marked", {"watermark_key": "serve-key", "watermark_delta": 8.0}),
+                        ("int8", {"quantize": "int8"})):
+        srv = live_server(ckpt, **extra)
+        try:
+            with httpx.Client(base_url=srv.url, timeout=60) as c:
+                r = c.post("/v1/completions", json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 40,
+                                                    "temperature": 1.0, "n": 4, "seed": 3})
+            assert r.status_code == 200, r.text
+            scores = [detector.score_text(ch["text"]) for ch in r.json()["choices"]]
+            fractions[name] = sum(s["green"] for s in scores) / max(1, sum(s["scored"] for s in scores))
+        finally:
+            srv.stop()
+    print(fractions)
+    assert fractions["marked"] > 0.6 and fractions["plain"] < 0.45, fractions  # gamma 0.25: about 0.25 unmarked

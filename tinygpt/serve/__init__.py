@@ -41,6 +41,12 @@ class ServeConfig:
     max_body_kb: int = opt(1024, "largest request body in KiB (413 past it)")
     device: str = opt("auto", "auto, cpu, cuda or mps")
     threads: int = opt(0, "torch CPU threads for the decode loop (0: torch's default)")
+    quantize: str = opt("none", "none, or int8: int8 weights (tinygpt.quantize), 2.7x smaller; on the AVX2 test "
+                                "host decoding was not faster than float32 (benchmarks/int8_decode.py)")
+    watermark_key: str = opt("", "secret key: watermark every answer (tinygpt.watermark; detect with "
+                                 "`tinygpt watermark detect`); '' = off")
+    watermark_gamma: float = opt(0.25, "watermark: share of the vocabulary on each green list")
+    watermark_delta: float = opt(2.0, "watermark: bias added to green logits")
     log_level: str = opt("info", "uvicorn log level: critical, error, warning, info, debug")
 
     def __post_init__(self) -> None:

@@ -38,7 +38,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tinygpt import runtime
+from tinygpt import quantize, runtime
 from tinygpt.checkpoint import load_model, load_tokenizer_json
 from tinygpt.generate import SamplingConfig
 from tinygpt.serve import LOOPBACK, ServeConfig
@@ -47,6 +47,7 @@ from tinygpt.serve.protocol import (ERRORS, MAX_STOP, MIN_TEMPERATURE, MIN_TOP_P
                                     ChatCompletionRequest, ChoiceText, CompletionRequest, SamplingParams, error_body,
                                     error_response, penalties)
 from tinygpt.tokenizer import Tokenizer
+from tinygpt.watermark import watermark_processor
 
 log = logging.getLogger("tinygpt.serve")
 
@@ -87,6 +88,7 @@ class State:
         self.model_id = cfg.model_name or "/".join(Path(cfg.checkpoint).parts[-2:]) or "tinygpt"
         self.tokenizer: Tokenizer | None = None
         self.engine: Engine | None = None
+        self.watermark = None  # a logits processor every request gets (--watermark-key)
         self.block_size = 0
         self.load_error: str | None = None
         self.created = int(time.time())
@@ -103,6 +105,10 @@ class State:
                 torch.set_num_threads(self.cfg.threads)
             device = runtime.resolve_device(self.cfg.device)
             model, _ = load_model(self.cfg.checkpoint, device=device)
+            model = quantize.apply(model.eval(), self.cfg.quantize)
+            if self.cfg.watermark_key:
+                self.watermark = watermark_processor(self.cfg.watermark_key, self.cfg.watermark_gamma,
+                                                     self.cfg.watermark_delta, vocab_size=model.cfg.vocab_size)
             self.tokenizer = Tokenizer.from_str(load_tokenizer_json(self.cfg.checkpoint))
             self.block_size = model.cfg.block_size
             self.engine = Engine(model, max_batch=self.cfg.max_batch, max_queue=self.cfg.max_queue).start()
@@ -341,8 +347,9 @@ def create_app(cfg: ServeConfig, *, load_in_background: bool = True) -> FastAPI:
                                       top_p=max(body.top_p, MIN_TOP_P),
                                       max_new_tokens=max_tokens if max_tokens is not None else block - len(p),
                                       seed=None if seed is None else seed % 2 ** 64)
+            watermark = [state.watermark] if state.watermark is not None else []
             requests.append(Request(prompt=p, sampling=sampling, on_events=_tagged(deliver, i), n=body.n,
-                                    stop_ids=stop_ids, logits_processors=list(processors)))
+                                    stop_ids=stop_ids, logits_processors=list(processors) + watermark))
         submitted = []
         try:
             for r in requests:
