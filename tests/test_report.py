@@ -283,3 +283,18 @@ def test_extraction_table_is_rendered_from_eval_json(tmp_path):
     result["extraction"] = {"error": "no document is long enough"}
     md = build_report(tmp_path, stages={}, eval_result=result)["md"].read_text()
     assert "Not measured: no document is long enough" in md
+
+
+def test_reward_model_section_leads_with_the_noise_free_order(tmp_path):
+    _write_metrics(tmp_path / "reward", [{"step": 0, "noise_ceiling": 0.85},
+                                         {"step": 10, "val_loss": 0.6, "val_accuracy": 0.7,
+                                          "val_accuracy_share_of_ceiling": 0.82, "val_accuracy_vs_oracle": 0.8,
+                                          "val_accuracy_vs_oracle_ci95": [0.7, 0.88], "val_oracle_pairs": 50,
+                                          "val_accuracy_vs_oracle_per_family": {
+                                              "arithmetic": {"accuracy": 0.9, "ci95": [0.7, 0.97], "pairs": 20}}}])
+    md = build_report(tmp_path, stages={"reward": str(tmp_path / "reward")}, eval_result={})["md"].read_text()
+    section = md[md.index("## The reward model"):]
+    assert _table(section, "accuracy")[0] == ["against the noise-free order (the oracle's utility)", "0.800",
+                                              "[0.700, 0.880]", "50"]
+    assert "share of the labels' noise ceiling (0.850)" in section
+    assert _table(section, "family") == [["arithmetic", "0.900", "[0.700, 0.970]", "20"]]

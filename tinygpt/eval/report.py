@@ -425,6 +425,32 @@ def curve_figures(stages: dict[str, str], fig_dir: Path) -> tuple[list[Figure], 
     return figures, notes
 
 
+def reward_model_section(metrics: Path) -> list[Block]:
+    """The reward model's held-out accuracy: against the noise-free order (the headline), against the
+    noisy labels, and its share of the labels' noise ceiling, from the reward stage's last evaluation."""
+    records = [r for r in read_metrics(metrics) if "val_accuracy" in r] if metrics.is_file() else []
+    if not records:
+        return []
+    last = records[-1]
+    ceiling = next((r["noise_ceiling"] for r in read_metrics(metrics) if r.get("noise_ceiling") is not None), None)
+    rows = [["against the noise-free order (the oracle's utility)", _cell(_get(last, "val_accuracy_vs_oracle"), 3),
+             _interval(_get_list(last, "val_accuracy_vs_oracle_ci95")), str(last.get("val_oracle_pairs", "-"))],
+            ["against the noisy held-out labels", _cell(_get(last, "val_accuracy"), 3), "-", "-"],
+            ["share of the labels' noise ceiling" + (f" ({ceiling:.3f})" if ceiling else ""),
+             _cell(_get(last, "val_accuracy_share_of_ceiling"), 3), "-", "-"]]
+    blocks: list[Block] = [Heading(2, "The reward model"),
+                           Paragraph(f"Held-out preference pairs at step {last.get('step')}. The labels are noisy "
+                                     "(a simulated labeler at InstructGPT's agreement); the oracle's order is "
+                                     "what a reward model should learn, so it is the headline."),
+                           Table(["accuracy", "value", "95% interval", "pairs"], rows)]
+    per_family = last.get("val_accuracy_vs_oracle_per_family") or {}
+    if per_family:
+        blocks.append(Table(["family", "accuracy vs the noise-free order", "95% interval", "pairs"],
+                            [[f, _cell(_get(v, "accuracy"), 3), _interval(v.get("ci95")), str(v.get("pairs", "-"))]
+                             for f, v in per_family.items()]))
+    return blocks
+
+
 # --- the same prompts, every model --------------------------------------------------------------------
 
 def same_prompts(eval_result: dict[str, Any]) -> tuple[list[Block], list[str]]:
@@ -572,6 +598,10 @@ def build_report(run_dir: str | Path, *, stages: dict[str, str], eval_result: di
                            _cell(_get(r, "win_rate", "reward_model", "win_rate"), 3), _cell(r.get("utility"), 3),
                            _cell(r.get("accuracy"), 3), _cell(r.get("answer_rudeness"), 3)]
                           for r in best_of["rows"]])]
+
+    # --- the reward model
+    if "reward" in stages:
+        blocks += reward_model_section(Path(stages["reward"]) / "metrics.jsonl")
 
     # --- curves
     blocks.append(Heading(2, "Training curves"))
