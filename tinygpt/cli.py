@@ -60,7 +60,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, tuple[str, ...], str]] = {
     ("serve",): ("tinygpt.serve", "ServeConfig", ("checkpoint",),
                  "serve a checkpoint: OpenAI-compatible API (/v1) with batched decoding, and a web chat page (/)"),
     ("watermark", "detect"): ("tinygpt.watermark", "DetectConfig", ("checkpoint",),
-                              "test texts for the green-list watermark of `sample/chat --watermark-key` (z, p-value)"),
+                              "test texts for the green-list watermark of `sample/chat/serve --watermark-key` (z, p-value)"),
     ("memorisation",): ("tinygpt.eval.memorisation", "MemorisationConfig", (),
                         "extraction: greedy continuations of training vs held-out documents, exact for 32 / 64 tokens"),
     ("scaling",): ("tinygpt.scaling", "ScalingConfig", (),
