@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from tinygpt import quantize
-from tinygpt.checkpoint import load_model, load_tokenizer_json
+from tinygpt.checkpoint import load_model, load_tokenizer
 from tinygpt.generate import SamplingConfig, generate
 from tinygpt.model import GPT, ModelConfig
 from tinygpt.tokenizer import Tokenizer
@@ -106,7 +106,7 @@ def main() -> None:
     if args.checkpoint:
         model, _ = load_model(args.checkpoint)
         model.eval()
-        tok = Tokenizer.from_str(load_tokenizer_json(args.checkpoint))
+        tok = load_tokenizer(args.checkpoint)
     else:
         model, tok = train(args)
     variants = {"fp32": model, "int8 torch": quantize.quantize_int8(copy.deepcopy(model), backend="torch"),

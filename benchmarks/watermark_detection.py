@@ -36,9 +36,8 @@ from pathlib import Path
 
 import torch
 
-from tinygpt.checkpoint import load_model, load_tokenizer_json, resolve_checkpoint
+from tinygpt.checkpoint import load_model, load_tokenizer, resolve_checkpoint
 from tinygpt.generate import SamplingConfig, generate
-from tinygpt.tokenizer import Tokenizer
 from tinygpt.watermark import WatermarkDetector, watermark_processor
 from tinygpt.world.oracle import consistency_score, grammar_score
 from tinygpt.world.tasks import _perturb_words  # the world's noise edits (word swaps, misspellings)
@@ -140,7 +139,7 @@ def main() -> None:
     ckpt = resolve_checkpoint(args.checkpoint)
     model, mcfg = load_model(ckpt, device="cpu")
     model.eval()
-    tok = Tokenizer.from_str(load_tokenizer_json(ckpt))
+    tok = load_tokenizer(ckpt)
     V = mcfg.vocab_size
     settings = [(float(g), float(d)) for g, d in (s.split(":") for s in args.settings.split(","))]
     gammas = sorted({g for g, _ in settings})

@@ -280,11 +280,10 @@ def reader(kind: str, skip_bad: bool) -> Callable[[Path, Path], Any]:
         return len(load_task_records(path))
 
     def checkpoint(path: Path, out: Path) -> Any:
-        from tinygpt.checkpoint import load_model, load_tokenizer_json
-        from tinygpt.tokenizer import Tokenizer
+        from tinygpt.checkpoint import load_model, load_tokenizer
 
         model, _ = load_model(path)
-        Tokenizer.from_str(load_tokenizer_json(path))
+        load_tokenizer(path)
         return model.num_params()
 
     def prepare(path: Path, out: Path) -> Any:

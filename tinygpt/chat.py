@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import torch
 
 from tinygpt import quantize, runtime
-from tinygpt.checkpoint import load_model, load_tokenizer_json
+from tinygpt.checkpoint import load_model, load_tokenizer
 from tinygpt.config import opt
 from tinygpt.generate import LogitsProcessor, SamplingConfig, stream
 from tinygpt.model import GPT
@@ -157,7 +157,7 @@ def load_session(checkpoint: str, *, device: str = "auto", system: str = "", sam
     dev = runtime.resolve_device(device)
     model, _ = load_model(checkpoint, device=dev)
     model = quantize.apply(model.eval(), quantize_mode)
-    tokenizer = Tokenizer.from_str(load_tokenizer_json(checkpoint))
+    tokenizer = load_tokenizer(checkpoint)
     procs = [watermark_processor(watermark_key, watermark_gamma, watermark_delta,
                                  vocab_size=model.cfg.vocab_size)] if watermark_key else []
     return ChatSession(model, tokenizer, system=system, sampling=sampling, notify=notify, logits_processors=procs)

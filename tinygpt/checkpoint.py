@@ -273,10 +273,20 @@ def load_tokenizer_json(path: str | Path) -> str:
         raise CheckpointError(f"missing file: {f}")
     try:
         text = f.read_text(encoding="utf-8")
-        Tokenizer.from_str(text)  # parses it: a corrupt file is named here, not where it is used
-    except (UnicodeDecodeError, ValueError) as e:
+        if not isinstance(json.loads(text), dict):
+            raise ValueError("not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         raise CheckpointError(f"{f}: corrupt tokenizer file ({e})") from None
     return text
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The checkpoint's tokenizer, parsed once; a file `tokenizers` cannot read is named in the error."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        return Tokenizer.from_str(load_tokenizer_json(ckpt))
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt / TOKENIZER}: corrupt tokenizer file ({e})") from None
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu",
@@ -305,6 +315,17 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu",
         raise CheckpointError(f"{weights}: does not match {ckpt / CONFIG} "
                               f"(missing {bad_missing[:5]}, unexpected {list(unexpected)[:5]})")
     return model.to(device), cfg
+
+
+def load_model_and_tokenizer(path: str | Path, *, device: str | torch.device = "cpu",
+                             config_overrides: dict[str, Any] | None = None) -> tuple[GPT, ModelConfig, Tokenizer]:
+    """:func:`load_model` and :func:`load_tokenizer` of one checkpoint; a tokenizer whose vocabulary is not
+    the model's is an error naming the checkpoint."""
+    model, cfg = load_model(path, device=device, config_overrides=config_overrides)
+    tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens, model {cfg.vocab_size}")
+    return model, cfg, tokenizer
 
 
 def load_weights(model: torch.nn.Module, path: str | Path, *, device: str | torch.device = "cpu") -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tinygpt.checkpoint import CheckpointError, load_config, load_meta, load_model, load_tokenizer_json
+from tinygpt.checkpoint import CheckpointError, load_config, load_meta, load_model_and_tokenizer
 from tinygpt.model import GPT
 from tinygpt.tokenizer import Tokenizer
 
@@ -66,10 +66,7 @@ def load_reward_model(path: str, device: str | torch.device = "cpu") -> tuple[GP
     if not load_config(path).scalar_head:
         raise CheckpointError(f"{path}: not a reward model (its config.json has scalar_head=false); "
                               "train one with `tinygpt reward --init SFT_CHECKPOINT ...`")
-    model, cfg = load_model(path, device=device)
-    tokenizer = Tokenizer.from_str(load_tokenizer_json(path))
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens, model {cfg.vocab_size}")
+    model, cfg, tokenizer = load_model_and_tokenizer(path, device=device)
     shift = float(load_meta(path).get(REWARD_SHIFT_KEY, 0.0) or 0.0)
     model.eval()
     return model, tokenizer, shift

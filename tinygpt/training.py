@@ -44,12 +44,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from tinygpt import optim, runtime
-from tinygpt.checkpoint import (CheckpointError, capture_rng_state, latest_checkpoint, load_meta, load_model,
-                                load_tokenizer_json, resume_training, save_training_checkpoint)
+from tinygpt.checkpoint import (capture_rng_state, latest_checkpoint, load_meta, load_model_and_tokenizer,
+                                resume_training, save_training_checkpoint)
 from tinygpt.config import opt, save_config, to_jsonable
 from tinygpt.runlog import MetricsWriter, plot_curves, read_metrics
 from tinygpt.runtime import TrainingDiverged
-from tinygpt.tokenizer import Tokenizer
 
 
 # --- the config fields every trainer shares -------------------------------------------------------
@@ -122,9 +121,12 @@ def check_config(cfg: RunConfig) -> None:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
 
 
-def epoch_steps(cfg: FinetuneConfig, n_examples: int, per_step: int) -> int:
-    """``--max-steps``, or the steps ``--epochs`` passes over ``n_examples`` take at ``per_step`` a step."""
-    return cfg.max_steps or max(1, math.ceil(cfg.epochs * n_examples / per_step))
+def epoch_steps(run: "Run", n_examples: int) -> tuple[int, int]:
+    """``(examples per optimizer step over all ranks, steps in the run)``: ``--max-steps``, or the steps
+    ``--epochs`` passes over ``n_examples`` take."""
+    cfg = run.cfg
+    per_step = cfg.batch_size * cfg.grad_accum * run.dist.world_size
+    return per_step, cfg.max_steps or max(1, math.ceil(cfg.epochs * n_examples / per_step))
 
 
 # --- the run ----------------------------------------------------------------------------------------
@@ -179,10 +181,7 @@ def setup(cfg: RunConfig, stage: str) -> Run:
 def load_init(run: Run, path: str, config_overrides: dict[str, Any] | None = None):
     """``(model, model config, tokenizer, meta)`` of the checkpoint a trainer starts from, on the run's
     device; a tokenizer that does not match the model's vocabulary is an error naming the checkpoint."""
-    model, mcfg = load_model(path, device=run.device, config_overrides=config_overrides)
-    tokenizer = Tokenizer.from_str(load_tokenizer_json(path))
-    if tokenizer.vocab_size != mcfg.vocab_size:
-        raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens, model {mcfg.vocab_size}")
+    model, mcfg, tokenizer = load_model_and_tokenizer(path, device=run.device, config_overrides=config_overrides)
     return model, mcfg, tokenizer, load_meta(path)
 
 

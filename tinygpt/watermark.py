@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tinygpt.checkpoint import load_config, load_tokenizer_json
+from tinygpt.checkpoint import load_config, load_tokenizer
 from tinygpt.config import opt
 from tinygpt.tokenizer import Tokenizer
 
@@ -240,7 +240,7 @@ def main(cfg: DetectConfig) -> list[dict[str, Any]]:
     if bool(cfg.text) == bool(cfg.file):
         raise ValueError("give either --text ... or --file FILE.jsonl")
     texts = list(cfg.text) if cfg.text else _read_jsonl(cfg.file, cfg.field)
-    tok = Tokenizer.from_str(load_tokenizer_json(cfg.checkpoint))
+    tok = load_tokenizer(cfg.checkpoint)
     det = WatermarkDetector(cfg.key, cfg.gamma, vocab_size=load_config(cfg.checkpoint).vocab_size,
                             z_threshold=cfg.z_threshold, ignore_repeated_ngrams=cfg.ignore_repeated_ngrams,
                             tokenizer=tok)

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import torch
 
 from tinygpt import runtime
-from tinygpt.checkpoint import load_meta, load_model, load_tokenizer_json, resolve_checkpoint
+from tinygpt.checkpoint import load_meta, load_model, load_tokenizer, resolve_checkpoint
 from tinygpt.data.sources import iter_documents
 from tinygpt.generate import SamplingConfig, generate
 from tinygpt.tokenizer import Tokenizer
@@ -71,7 +71,7 @@ def grade_samples(checkpoint: str | Path, *, n_samples: int = 100, temperature: 
     dev = runtime.resolve_device(device)
     model, mcfg = load_model(ckpt, device=dev)
     model.eval()
-    tok = Tokenizer.from_str(load_tokenizer_json(ckpt))
+    tok = load_tokenizer(ckpt)
     max_new = max_new_tokens or mcfg.block_size - 1
     index = None
     if corpus is not None:

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tinygpt.checkpoint import CheckpointError, load_model, load_tokenizer_json, resolve_checkpoint
+from tinygpt.checkpoint import load_model_and_tokenizer, resolve_checkpoint
 from tinygpt.config import opt
 from tinygpt.model import GPT
 from tinygpt.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer
@@ -136,13 +136,10 @@ def export_gguf(checkpoint: str | Path, out: str | Path, *, kind: str = "f32", o
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     ckpt = resolve_checkpoint(checkpoint)
-    model, cfg = load_model(ckpt)
-    tokenizer = Tokenizer.from_str(load_tokenizer_json(ckpt))
+    model, cfg, tokenizer = load_model_and_tokenizer(ckpt)
     if cfg.scalar_head:
         raise ValueError("this checkpoint has a scalar head (a reward or value model); GGUF holds causal language "
                          "models for llama.cpp: export the policy (sft, ppo, dpo) instead")
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise CheckpointError(f"{ckpt}: tokenizer has {tokenizer.vocab_size} tokens, the model {cfg.vocab_size}")
 
     arch = cfg.arch  # llama.cpp's architecture names are tinygpt's: "llama", "gpt2"
     out.parent.mkdir(parents=True, exist_ok=True)

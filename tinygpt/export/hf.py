@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from tinygpt import lora
-from tinygpt.checkpoint import CheckpointError, load_meta, load_model, load_tokenizer_json, resolve_checkpoint
+from tinygpt.checkpoint import CheckpointError, load_meta, load_model, load_model_and_tokenizer, resolve_checkpoint
 from tinygpt.config import opt
 from tinygpt.model import GPT, hf_config_dict, to_hf_state_dict
 from tinygpt.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer
@@ -208,10 +208,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32"
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     ckpt = resolve_checkpoint(checkpoint)
-    model, cfg = load_model(ckpt)
-    tokenizer = Tokenizer.from_str(load_tokenizer_json(ckpt))
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise CheckpointError(f"{ckpt}: tokenizer has {tokenizer.vocab_size} tokens, the model {cfg.vocab_size}")
+    model, cfg, tokenizer = load_model_and_tokenizer(ckpt)
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():

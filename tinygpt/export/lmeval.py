@@ -37,10 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tinygpt.checkpoint import load_config, load_tokenizer_json
+from tinygpt.checkpoint import load_config, load_tokenizer
 from tinygpt.config import opt
 from tinygpt.data.sources import DataError, iter_records
-from tinygpt.tokenizer import Tokenizer
 from tinygpt.world.tasks import DEFAULT_LONG_ANSWER_TOKENS, answer_budget
 
 GROUP = "tinygpt_task1"
@@ -124,7 +123,7 @@ def export_lm_eval(world: str | Path, out: str | Path, *, max_items: int = 0, ma
     block, tokenizer = None, None
     if checkpoint:
         block = load_config(checkpoint).block_size
-        tokenizer = Tokenizer.from_str(load_tokenizer_json(checkpoint))
+        tokenizer = load_tokenizer(checkpoint)
     (out / "data").mkdir(parents=True)
     counts: dict[str, int] = {}
     budgets: dict[str, int] = {}

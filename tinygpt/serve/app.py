@@ -39,7 +39,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinygpt import quantize, runtime
-from tinygpt.checkpoint import load_model, load_tokenizer_json
+from tinygpt.checkpoint import load_model, load_tokenizer
 from tinygpt.generate import SamplingConfig
 from tinygpt.serve import LOOPBACK, ServeConfig
 from tinygpt.serve.engine import Engine, Event, QueueFull, Request
@@ -109,7 +109,7 @@ class State:
             if self.cfg.watermark_key:
                 self.watermark = watermark_processor(self.cfg.watermark_key, self.cfg.watermark_gamma,
                                                      self.cfg.watermark_delta, vocab_size=model.cfg.vocab_size)
-            self.tokenizer = Tokenizer.from_str(load_tokenizer_json(self.cfg.checkpoint))
+            self.tokenizer = load_tokenizer(self.cfg.checkpoint)
             self.block_size = model.cfg.block_size
             self.engine = Engine(model, max_batch=self.cfg.max_batch, max_queue=self.cfg.max_queue).start()
             log.info("tinygpt serve: %s ready (%.2fM params, %d-token context, batch %d, queue %d)", self.model_id,

@@ -115,8 +115,7 @@ def main(cfg: DPOConfig) -> dict[str, Any]:
     train = PreferenceDataset(cfg.pairs, tokenizer, max_tokens, skip_bad=cfg.skip_bad)
     val = (held_out_preferences(cfg.val_pairs, tokenizer, max_tokens, skip_bad=cfg.skip_bad, stage="dpo")
            if cfg.val_pairs else None)
-    per_step = cfg.batch_size * cfg.grad_accum * dist_info.world_size
-    max_steps = training.epoch_steps(cfg, len(train), per_step)
+    per_step, max_steps = training.epoch_steps(run, len(train))
 
     # --- optimizer, (resume) -----------------------------------------------------------------
     optimizer = training.make_optimizer(policy, cfg)

@@ -47,7 +47,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tinygpt import runtime
-from tinygpt.checkpoint import CheckpointError, load_meta, load_model, load_tokenizer_json, resolve_checkpoint
+from tinygpt.checkpoint import CheckpointError, load_meta, load_model, load_tokenizer, resolve_checkpoint
 from tinygpt.config import opt
 from tinygpt.data.shards import TokenDataset
 from tinygpt.data.sources import iter_documents
@@ -59,7 +59,6 @@ from tinygpt.eval.fewshot import complete_prompts
 from tinygpt.eval.metrics import bleu, mean_pass_at_k, perplexity, win_rate
 from tinygpt.eval.stories import sample_stories, summarize
 from tinygpt.eval.tasks import load_task_records
-from tinygpt.tokenizer import Tokenizer
 from tinygpt.world.labeler import Labeler
 from tinygpt.world.oracle import NoveltyIndex, is_rude, story_scores
 from tinygpt.world.stories import generate_story
@@ -375,7 +374,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     def load(ckpt: Path) -> Answerer:
         model, _ = load_model(ckpt, device=device)
         model.eval()
-        return Answerer(model, Tokenizer.from_str(load_tokenizer_json(ckpt)), checkpoint_kind(ckpt), train_records,
+        return Answerer(model, load_tokenizer(ckpt), checkpoint_kind(ckpt), train_records,
                         max_new_tokens=cfg.max_new_tokens, long_max_new_tokens=cfg.long_max_new_tokens,
                         shots=cfg.shots, batch_size=cfg.batch_size, seed=cfg.seed)
 

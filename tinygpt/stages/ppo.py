@@ -72,7 +72,7 @@ import torch
 from torch import Tensor
 
 from tinygpt import reward_model as rm, rollout, runtime, training
-from tinygpt.checkpoint import (WEIGHTS, CheckpointError, load_model, load_tokenizer_json, resolve_checkpoint,
+from tinygpt.checkpoint import (WEIGHTS, CheckpointError, load_model, load_tokenizer, resolve_checkpoint,
                                 sha256_file)
 from tinygpt.config import opt
 from tinygpt.data.prompts import read_prompts
@@ -194,7 +194,7 @@ def load_models(cfg: PPOConfig, device: torch.device) -> Models:
     policy, pcfg = load_model(policy_ckpt, device=device, config_overrides=no_dropout)
     reference, _ = load_model(policy_ckpt, device=device, config_overrides=no_dropout)
     reference.requires_grad_(False).eval()
-    tokenizer = Tokenizer.from_str(load_tokenizer_json(policy_ckpt))
+    tokenizer = load_tokenizer(policy_ckpt)
     reward_ckpt = resolve_checkpoint(cfg.reward)
     reward_model, reward_tokenizer, reward_shift = rm.load_reward_model(reward_ckpt, device)
     reward_model.requires_grad_(False).eval()

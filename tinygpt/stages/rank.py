@@ -39,13 +39,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tinygpt import runtime
-from tinygpt.checkpoint import CheckpointError, load_model, load_tokenizer_json
+from tinygpt.checkpoint import load_model_and_tokenizer
 from tinygpt.config import opt, save_config
 from tinygpt.data.preferences import ranking_to_pairs
 from tinygpt.data.prompts import read_prompts
 from tinygpt.data.sources import DataError
 from tinygpt.generate import SamplingConfig, generate
-from tinygpt.tokenizer import Tokenizer
 from tinygpt.world.export import write_jsonl
 from tinygpt.world.labeler import (DEFAULT_TIE_MARGIN, Labeler, calibrate_noise, compared_gaps, expected_agreement,
                                    expected_label_accuracy, tier_positions)
@@ -106,11 +105,8 @@ def main(cfg: RankConfig) -> dict[str, Any]:
     out = Path(cfg.out)
 
     # --- model and data ------------------------------------------------------------------------
-    model, mcfg = load_model(cfg.policy, device=device)
+    model, mcfg, tokenizer = load_model_and_tokenizer(cfg.policy, device=device)
     model.eval()
-    tokenizer = Tokenizer.from_str(load_tokenizer_json(cfg.policy))
-    if tokenizer.vocab_size != mcfg.vocab_size:
-        raise CheckpointError(f"{cfg.policy}: tokenizer has {tokenizer.vocab_size} tokens, model {mcfg.vocab_size}")
     prompts = [(p.where, p.messages, p.meta, p.record)
                for p in read_prompts(cfg.prompts, cfg.n_prompts, require_meta=True)]
     rendered = [tokenizer.render_chat(p, add_generation_prompt=True)[0] for _, p, _, _ in prompts]

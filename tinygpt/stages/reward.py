@@ -150,8 +150,7 @@ def main(cfg: RewardConfig) -> dict[str, Any]:
     noise_ceiling = val.noise_ceiling() if val is not None else None
     demos, demos_too_long = (read_demonstrations(cfg.demonstrations, tokenizer, mcfg.block_size, cfg.shift_samples)
                              if cfg.demonstrations else ([], 0))
-    per_step = cfg.batch_size * cfg.grad_accum * dist_info.world_size
-    max_steps = training.epoch_steps(cfg, len(train), per_step)
+    per_step, max_steps = training.epoch_steps(run, len(train))
 
     # --- optimizer, (resume) -----------------------------------------------------------------
     optimizer = training.make_optimizer(gpt, cfg)

@@ -19,10 +19,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from tinygpt import quantize, runtime
-from tinygpt.checkpoint import load_model, load_tokenizer_json
+from tinygpt.checkpoint import load_model, load_tokenizer
 from tinygpt.config import opt
 from tinygpt.generate import SamplingConfig, generate, stop_strings, stream
-from tinygpt.tokenizer import Tokenizer
 from tinygpt.watermark import DEFAULT_DELTA, DEFAULT_GAMMA, watermark_processor
 
 
@@ -53,7 +52,7 @@ def main(cfg: SampleConfig) -> list[str]:
     device = runtime.resolve_device(cfg.device)
     model, _ = load_model(cfg.checkpoint, device=device)
     model = quantize.apply(model.eval(), cfg.quantize)
-    tok = Tokenizer.from_str(load_tokenizer_json(cfg.checkpoint))
+    tok = load_tokenizer(cfg.checkpoint)
     scfg = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                           repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens,
                           seed=cfg.seed)

@@ -117,8 +117,7 @@ def main(cfg: SFTConfig) -> dict[str, Any]:
     task_records = load_task_records(cfg.task_eval) if cfg.task_eval else None
     if task_records is not None and cfg.task_eval_limit > 0:
         task_records = spread_limit(task_records, cfg.task_eval_limit)
-    per_step = cfg.batch_size * cfg.grad_accum * dist_info.world_size
-    max_steps = training.epoch_steps(cfg, len(train), per_step)
+    per_step, max_steps = training.epoch_steps(run, len(train))
 
     # --- optimizer, (resume) -----------------------------------------------------------------
     optimizer = training.make_optimizer(model, cfg)
